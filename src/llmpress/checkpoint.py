@@ -1,0 +1,202 @@
+"""What a checkpoint says about itself: `quantization_config`, `recipe.yaml`, and `inspect`.
+
+The config is written from the plan (never rebuilt from a model), through compressed-tensors'
+own pydantic `QuantizationConfig`, so every field validates exactly as vLLM will read it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import compressed_tensors
+import yaml
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+from llmpress.errors import LlmpressError
+from llmpress.plan import CompressOptions, Plan
+from llmpress.quantize import scheme_format
+
+# Packing of sub-byte ints changed in compressed-tensors 0.18: before it, each int32 holds
+# 32 // bits values (padded); from 0.18 on, values are packed densely across words. The two
+# agree for 1, 2, 4 and 8 bits and disagree for 3, 5, 6 and 7.
+DENSE_PACKING_SINCE = (0, 18)
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def packing_layout(ct_version: str) -> str:
+    return "dense" if _version_tuple(ct_version) >= DENSE_PACKING_SINCE else "padded"
+
+
+def quantization_config(plan: Plan) -> dict:
+    """`config.json`'s `quantization_config`, as compressed-tensors itself writes it."""
+    scheme = plan.scheme.model_copy(deep=True)
+    scheme.format = scheme_format(scheme)
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=scheme.format,
+        quantization_status="compressed",
+        ignore=list(plan.ignored),
+    )
+    data = qconfig.model_dump(mode="json", exclude={"quant_method"})
+    return {
+        # compressed-tensors records its own version here; the packing layout follows from it.
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **data,
+    }
+
+
+def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
+    """What was done, in llm-compressor's recipe format so either tool can re-run it."""
+    weights = plan.scheme.weights.model_dump(mode="json", exclude_defaults=True)
+    group = {"targets": list(options.targets), "weights": weights}
+    if plan.scheme.input_activations is not None:
+        group["input_activations"] = plan.scheme.input_activations.model_dump(
+            mode="json", exclude_defaults=True
+        )
+    modifier = {
+        "targets": list(options.targets),
+        "ignore": list(options.ignore),
+        "config_groups": {"group_0": group},
+    }
+    recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
+    header = f"# written by llmpress: scheme {options.scheme}, observer {options.observer}\n"
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def read_quantization_config(checkpoint: Path) -> dict:
+    config_file = checkpoint / "config.json"
+    if not config_file.is_file():
+        raise LlmpressError(f"{checkpoint} has no config.json; is it a model directory?")
+    config = json.loads(config_file.read_text())
+    qconfig = config.get("quantization_config")
+    if not qconfig or qconfig.get("quant_method") != "compressed-tensors":
+        raise LlmpressError(f"{checkpoint} is not a compressed-tensors checkpoint")
+    return qconfig
+
+
+def check_reader(checkpoint: Path, reader_version: str | None = None) -> None:
+    """Refuse, with the fix, to read odd-bit packing written for another compressed-tensors."""
+    qconfig = read_quantization_config(checkpoint)
+    reader_version = reader_version or compressed_tensors.__version__
+    written = qconfig.get("version") or "0.0"
+    odd = sorted(
+        {
+            group["weights"]["num_bits"]
+            for group in qconfig.get("config_groups", {}).values()
+            if group.get("weights") and group["weights"]["num_bits"] in (3, 5, 6, 7)
+            and group.get("format", qconfig.get("format")) == "pack-quantized"
+        }
+    )
+    if odd and packing_layout(written) != packing_layout(reader_version):
+        raise LlmpressError(
+            f"{checkpoint.name} packs {odd[0]}-bit weights in the {packing_layout(written)} layout "
+            f"of compressed-tensors {written}, but compressed-tensors {reader_version} reads the "
+            f"{packing_layout(reader_version)} layout; install compressed-tensors "
+            f"{'>=0.18' if packing_layout(written) == 'dense' else '<0.18'} to read it, or "
+            "re-compress with the compressed-tensors you serve with"
+        )
+
+
+def summarize(checkpoint: Path) -> dict:
+    """Groups, formats, bits per layer, size on disk and compression ratio of a checkpoint."""
+    from safetensors import safe_open
+
+    qconfig = read_quantization_config(checkpoint)
+    groups = {}
+    for name, group in qconfig.get("config_groups", {}).items():
+        scheme = QuantizationScheme.model_validate(group)
+        weights = scheme.weights
+        groups[name] = {
+            "targets": scheme.targets,
+            "format": group.get("format") or qconfig.get("format"),
+            "weights": _describe_args(weights) if weights else "16-bit",
+            "input_activations": _describe_args(scheme.input_activations)
+            if scheme.input_activations
+            else "16-bit",
+        }
+    files = sorted(checkpoint.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    params: dict[str, dict[str, tuple[str, list[int]]]] = defaultdict(dict)
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
+                view = reader.get_slice(key)
+                module, _, param = key.rpartition(".")
+                shape = view.get_shape()
+                if param == "weight_shape":  # the unpacked shape is stored as values
+                    shape = reader.get_tensor(key).tolist()
+                params[module][param] = (view.get_dtype(), shape)
+    layers: dict[str, Counter] = defaultdict(Counter)
+    dense_bytes = 0
+    for module, found in params.items():
+        stored = _stored_weight(found)
+        if stored is None:  # a 16-bit module: count what it holds
+            dense_bytes += sum(_nbytes(dtype, shape) for dtype, shape in found.values())
+            continue
+        label, elements = stored
+        layers[_kind(module)][label] += 1
+        dense_bytes += elements * 2
+        dense_bytes += sum(_nbytes(*found[p]) for p in found if p == "bias")
+    return {
+        "checkpoint": str(checkpoint),
+        "format": qconfig.get("format"),
+        "compressed_tensors_version": qconfig.get("version"),
+        "packing_layout": packing_layout(qconfig.get("version") or "0.0"),
+        "groups": groups,
+        "ignore": qconfig.get("ignore", []),
+        "quantized_layers": sum(sum(c.values()) for c in layers.values()),
+        "layers_by_kind": {k: dict(v) for k, v in sorted(layers.items())},
+        "size_bytes": size,
+        "bf16_equivalent_bytes": dense_bytes,
+        "compression_ratio": dense_bytes / size if size else 0.0,
+    }
+
+
+def _describe_args(args) -> str:
+    kind = f"{args.type}{args.num_bits}"
+    detail = args.strategy
+    if args.group_size:
+        detail += f" {args.group_size}"
+    if args.block_structure:
+        detail += f" {args.block_structure[0]}x{args.block_structure[1]}"
+    sym = "sym" if args.symmetric else "asym"
+    when = "at run time" if args.dynamic else "static"
+    return f"{kind} {detail} {sym} ({when})"
+
+
+def _kind(module: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", module)
+
+
+_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1}
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * _BYTES.get(dtype, 2)
+
+
+def _stored_weight(found: dict[str, tuple[str, list[int]]]) -> tuple[str, int] | None:
+    """How a module's weight is stored, and how many elements it has; None when 16-bit."""
+    if "weight_packed" in found:
+        dtype, shape = found["weight_packed"]
+        if dtype == "I32":  # ints packed into int32 words; the true shape is stored beside it
+            out_f, in_f = found["weight_shape"][1]
+            return "int packed in int32", out_f * in_f
+        return "fp4 packed in uint8", shape[0] * shape[1] * 2
+    if "weight" in found and found["weight"][0] in ("F8_E4M3", "I8"):
+        dtype, shape = found["weight"]
+        return ("fp8" if dtype == "F8_E4M3" else "int8"), shape[0] * shape[1]
+    return None

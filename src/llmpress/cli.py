@@ -1,0 +1,123 @@
+"""`llmpress` command line: compress, schemes, inspect. Flags become `CompressOptions`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from llmpress.errors import LlmpressError
+
+
+def _size(text: str) -> int:
+    """'2GB', '500MB', '1GiB' or a byte count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size such as 2GB or 500MB")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+    return int(number * scale[unit])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmpress")
+def main() -> None:
+    """Compress Hugging Face causal LMs into compressed-tensors checkpoints."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--scheme", required=True, help="Preset name; `llmpress schemes` lists them.")
+@click.option("--targets", multiple=True, help="Modules to quantize: name, class or re:regex. Default: Linear.")
+@click.option("--ignore", multiple=True, help="Modules to leave alone (wins over targets). Default: lm_head.")
+@click.option("--observer", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
+@click.option("--group-size", type=int, default=None, help="Override the scheme's weight group size.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def compress(model, output, scheme, targets, ignore, observer, group_size, device, max_shard_size, force, quiet):
+    """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
+    from llmpress.api import compress as run
+
+    result = run(
+        model,
+        output,
+        scheme,
+        targets=targets or None,
+        ignore=ignore or None,
+        observer=observer,
+        group_size=group_size,
+        device=device,
+        force=force,
+        max_shard_size=_size(max_shard_size),
+        progress=not quiet,
+    )
+    click.echo(
+        f"wrote {result.output} — {result.quantized_modules} layers quantized, "
+        f"{result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB "
+        f"({result.ratio:.2f}x) in {result.seconds:.1f} s"
+    )
+
+
+@main.command()
+def schemes() -> None:
+    """List the schemes with one line each."""
+    from llmpress.schemes import DESCRIPTIONS
+
+    width = max(map(len, DESCRIPTIONS))
+    for name, text in DESCRIPTIONS.items():
+        click.echo(f"{name:<{width}}  {text}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(checkpoint: Path, as_json: bool) -> None:
+    """Show what a compressed checkpoint holds: groups, formats, bits, size, ratio."""
+    from llmpress.checkpoint import summarize
+
+    info = summarize(checkpoint)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['checkpoint']}")
+    click.echo(
+        f"  format {info['format']}, written with compressed-tensors "
+        f"{info['compressed_tensors_version']} ({info['packing_layout']} int packing)"
+    )
+    for name, group in info["groups"].items():
+        click.echo(f"  {name}: targets {', '.join(group['targets'])} [{group['format']}]")
+        click.echo(f"    weights      {group['weights']}")
+        click.echo(f"    activations  {group['input_activations']}")
+    if info["ignore"]:
+        click.echo(f"  left in 16 bits: {', '.join(info['ignore'])}")
+    click.echo(f"  quantized layers: {info['quantized_layers']}")
+    for kind, stored in info["layers_by_kind"].items():
+        click.echo(f"    {kind}: {', '.join(f'{n} x {label}' for label, n in stored.items())}")
+    click.echo(
+        f"  size on disk {info['size_bytes'] / 1e6:.1f} MB; 16-bit equivalent "
+        f"{info['bf16_equivalent_bytes'] / 1e6:.1f} MB; ratio {info['compression_ratio']:.2f}x"
+    )
+
+
+def run() -> None:
+    """Entry point that turns our errors into one line and exit code 2."""
+    try:
+        main.main(standalone_mode=False)
+    except LlmpressError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)

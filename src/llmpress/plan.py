@@ -1,0 +1,164 @@
+"""The plan: which module gets which scheme, checked against the model before any heavy work.
+
+`CompressOptions` is the one configuration object: CLI flags and Python arguments become it
+before anything runs. `build_plan` resolves it against the model's module tree with
+compressed-tensors' matcher (exact name, class name or `re:` regex; ignore wins).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+from compressed_tensors.utils import is_match
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmpress.errors import LlmpressError
+from llmpress.schemes import build_scheme
+from llmpress.source import ModelSource
+
+DEFAULT_TARGETS = ("Linear",)
+# The output head stays in 16 bits by default, as in llm-compressor's recipes; embeddings are
+# never targeted because the default target is the Linear class.
+DEFAULT_IGNORE = ("lm_head",)
+
+# Modules vLLM fuses into one GEMM: they must share NVFP4's global scale.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class CompressOptions(BaseModel):
+    """Everything a data-free compression run needs to know, validated when built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: str
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    observer: Literal["minmax", "mse"] = "minmax"
+    group_size: int | None = Field(default=None, gt=0)
+    device: str = "cpu"
+    max_shard_size: int = Field(default=2 * 1024**3, gt=0)
+
+    @field_validator("scheme")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("targets must name at least one module pattern")
+        return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved plan: one scheme for every quantized module, and the modules left alone."""
+
+    scheme: QuantizationScheme
+    modules: tuple[str, ...]
+    ignored: tuple[str, ...]
+    fused: dict[str, tuple[str, ...]]
+
+    @property
+    def weight_names(self) -> dict[str, str]:
+        return {f"{name}.weight": name for name in self.modules}
+
+    def estimated_output_bytes(self, source: ModelSource) -> int:
+        """Input bytes with each quantized weight shrunk to its bits (scales: ~2 % more)."""
+        shrink = 0
+        bits = self.scheme.weights.num_bits
+        for name in self.modules:
+            numel = source.modules[name].weight.numel()
+            shrink += source.tensor_nbytes[f"{name}.weight"] - int(numel * bits / 8 * 1.02)
+        return source.total_bytes - shrink
+
+
+def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
+    """Resolve targets and ignore against the model; fail now on anything that cannot work."""
+    scheme = build_scheme(options.scheme, list(options.targets), options.group_size)
+    scheme.weights.observer = options.observer
+    linears = {n: m for n, m in source.modules.items() if isinstance(m, torch.nn.Linear)}
+
+    unmatched = [t for t in options.targets if not any(_matches(n, m, t) for n, m in linears.items())]
+    if unmatched:
+        raise LlmpressError(
+            f"target {unmatched[0]!r} matches no Linear layer of {source.path.name}; "
+            f"example layer names: {', '.join(_examples(linears))}"
+        )
+    selected = [n for n, m in linears.items() if is_match(n, m, options.targets)]
+    chosen = tuple(n for n in selected if not _matches_any(n, linears[n], options.ignore))
+    ignored = tuple(n for n in selected if n not in chosen)
+    if not chosen:
+        raise LlmpressError("every targeted layer is ignored; nothing would be quantized")
+    missing = [n for n in chosen if f"{n}.weight" not in source.tensor_files]
+    if missing:
+        raise LlmpressError(
+            f"{len(missing)} targeted layers have no weight in the checkpoint (first: "
+            f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
+        )
+    _check_divisible(scheme, chosen, linears)
+    return Plan(scheme, chosen, ignored, _fused_groups(chosen))
+
+
+def _matches(name: str, module: torch.nn.Module, target: str) -> bool:
+    return is_match(name, module, [target])
+
+
+def _matches_any(name: str, module: torch.nn.Module, patterns: tuple[str, ...]) -> bool:
+    return any(is_match(name, module, [p]) for p in patterns)
+
+
+def _examples(linears: dict[str, torch.nn.Module], count: int = 3) -> list[str]:
+    return list(linears)[:count]
+
+
+def _check_divisible(
+    scheme: QuantizationScheme, chosen: tuple[str, ...], linears: dict[str, torch.nn.Module]
+) -> None:
+    """Group sizes must divide in_features: list the layers that break it and the ways out."""
+    args = scheme.weights
+    if args.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
+        return
+    bad: dict[str, int] = {}
+    for name in chosen:
+        in_features = linears[name].in_features
+        if in_features % args.group_size:
+            bad[_generic(name)] = in_features
+    if bad:
+        layers = ", ".join(f"{n} (in_features {f})" for n, f in sorted(bad.items()))
+        fits = sorted({g for g in (16, 32, 64, 128) if all(f % g == 0 for f in bad.values())})
+        hint = f"--group-size {fits[-1]}" if fits and args.type == "int" else "another scheme"
+        raise LlmpressError(
+            f"group size {args.group_size} does not divide in_features of {layers}; "
+            f"use {hint}, or --ignore those layers"
+        )
+
+
+def _generic(name: str) -> str:
+    """`model.layers.3.mlp.down_proj` -> `model.layers.*.mlp.down_proj`, to list layers once."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def _fused_groups(chosen: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Each module mapped to the siblings it is fused with in vLLM (itself when none)."""
+    present = set(chosen)
+    groups: dict[str, tuple[str, ...]] = {}
+    by_parent: dict[str, list[str]] = defaultdict(list)
+    for name in chosen:
+        parent, _, leaf = name.rpartition(".")
+        by_parent[parent].append(leaf)
+    for parent, leaves in by_parent.items():
+        for siblings in FUSED_SIBLINGS:
+            members = tuple(f"{parent}.{s}" if parent else s for s in siblings if s in leaves)
+            if len(members) > 1 and all(m in present for m in members):
+                for member in members:
+                    groups[member] = members
+    for name in chosen:
+        groups.setdefault(name, (name,))
+    return groups

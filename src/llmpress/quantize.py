@@ -1,0 +1,69 @@
+"""Round-to-nearest quantization of one layer's weights into compressed-tensors' stored form.
+
+Scales come from an observer; packing comes from compressed-tensors' own compressor for the
+scheme's format, so the bytes are exactly what its decompressor (and vLLM) expect.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+
+from llmpress.errors import LlmpressError
+from llmpress.observers import global_scale, weight_qparams
+
+
+def scheme_format(scheme: QuantizationScheme) -> str:
+    """The compressed-tensors format a scheme is written in (pinned, or inferred as CT does)."""
+    if scheme.format is not None:
+        return str(scheme.format)
+    return infer_module_format(torch.nn.Linear, scheme).value
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise LlmpressError(
+            f"{name} holds {bad} NaN/Inf values; the input model is corrupt or was saved "
+            "after a diverged step — fix or re-export it before compressing"
+        )
+
+
+def compress_layer(
+    weights: dict[str, torch.Tensor],
+    scheme: QuantizationScheme,
+    fused: dict[str, tuple[str, ...]],
+    observer: str = "minmax",
+    device: str = "cpu",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Compress the weights of several modules of one layer; keys are module names.
+
+    All modules are given together so that fused siblings (q/k/v, gate/up) can share NVFP4's
+    global scale. Returned tensors are on the CPU, named locally (`weight_packed`, ...).
+    """
+    args = scheme.weights
+    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
+    on_device = {name: w.to(device) for name, w in weights.items()}
+    gscales: dict[str, torch.Tensor] = {}
+    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+        for name in on_device:
+            group = fused.get(name, (name,))
+            if name not in gscales:
+                shared = global_scale([on_device[m] for m in group if m in on_device])
+                gscales.update({m: shared for m in group})
+    out = {}
+    for name, weight in on_device.items():
+        gscale = gscales.get(name)
+        scale, zero_point = weight_qparams(weight, args, observer, gscale)
+        if args.scale_dtype is None:
+            # Stored scales take the weight's dtype (what vLLM and llm-compressor write);
+            # quantizing with the rounded scale keeps stored bytes and reference identical.
+            scale = scale.to(weight.dtype)
+        state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
+        if gscale is not None:
+            state["weight_global_scale"] = gscale
+        packed = compressor.compress(state, scheme)
+        out[name] = {k: v.detach().to("cpu").contiguous() for k, v in packed.items()}
+    return out

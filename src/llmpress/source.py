@@ -1,0 +1,178 @@
+"""The input model, read lazily: config, module tree on the meta device, tensors one at a time.
+
+Nothing here loads the whole model. The module tree is built on the meta device so names and
+classes resolve exactly as transformers would build them; tensors are read from the safetensors
+files only when the runner asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from llmpress.errors import LlmpressError
+
+# Files copied unchanged from the input: tokenizer, chat template, generation settings.
+PASSTHROUGH_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|.*\.model|chat_template\.(jinja|json)|generation_config\.json|preprocessor_config\.json)$"
+)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local model directory, or a hub snapshot where the network allows."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LlmpressError(f"model {str(model)!r} is a file; pass the model's directory")
+    if not _HUB_ID.match(str(model)):
+        raise LlmpressError(f"model directory {str(model)!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(model),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network, auth, missing repo: one message for all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LlmpressError(
+            f"{str(model)!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({reason}); download it first and pass its directory"
+        ) from exc
+    return Path(local)
+
+
+@dataclass
+class ModelSource:
+    """A model directory: its config, the tensor-name index, and a meta-device module tree."""
+
+    path: Path
+    config: PretrainedConfig
+    tensor_files: dict[str, Path]
+    tensor_nbytes: dict[str, int]
+    modules: dict[str, torch.nn.Module] = field(repr=False)
+    layer_prefix: str | None
+    num_layers: int
+
+    @classmethod
+    def open(cls, model: str | os.PathLike) -> ModelSource:
+        path = resolve_model_dir(model)
+        if not (path / "config.json").is_file():
+            raise LlmpressError(f"{path} has no config.json; is it a Hugging Face model directory?")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:
+            raise LlmpressError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        if getattr(config, "quantization_config", None):
+            raise LlmpressError(
+                f"{path} is already quantized ({_quant_method(config)}); start from the "
+                "unquantized model"
+            )
+        tensor_files, tensor_nbytes = _index_tensors(path)
+        with torch.device("meta"):
+            try:
+                tree = AutoModelForCausalLM.from_config(config)
+            except Exception as exc:
+                raise LlmpressError(
+                    f"transformers cannot build a causal LM from {path / 'config.json'}: {exc}"
+                ) from exc
+        modules = dict(tree.named_modules())
+        prefix, count = _decoder_layers(modules)
+        return cls(path, config, tensor_files, tensor_nbytes, modules, prefix, count)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.tensor_nbytes.values())
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """Index of the decoder layer a tensor belongs to, or None for embeddings, norms, heads."""
+        if self.layer_prefix is None or not tensor_name.startswith(self.layer_prefix + "."):
+            return None
+        return int(tensor_name[len(self.layer_prefix) + 1 :].split(".", 1)[0])
+
+    def tensors_by_layer(self) -> list[list[str]]:
+        """Tensor names grouped so that one group is resident at a time: layers, then the rest."""
+        groups: dict[int | None, list[str]] = defaultdict(list)
+        for name in self.tensor_files:
+            groups[self.layer_of(name)].append(name)
+        ordered = [groups[i] for i in sorted(k for k in groups if k is not None)]
+        # Embeddings, final norm and head: one tensor per group (they are the largest tensors).
+        ordered += [[name] for name in groups.get(None, [])]
+        return ordered
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors from disk into fresh memory (no mapping kept open)."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.tensor_files[name]].append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(file, framework="pt") as reader:
+                    for name in file_names:
+                        out[name] = reader.get_tensor(name)
+            except Exception as exc:
+                raise LlmpressError(f"cannot read {name!r} from {file}: {exc}") from exc
+        return out
+
+    def passthrough_files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name))
+
+
+def _quant_method(config: PretrainedConfig) -> str:
+    qc = config.quantization_config
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(method or "unknown method")
+
+
+def _index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    """Map every tensor name to its safetensors file and size, reading only the headers."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".gguf")]
+        hint = f" (found {', '.join(others)}; re-save it with save_pretrained)" if others else ""
+        raise LlmpressError(f"{path} has no .safetensors weights{hint}")
+    index: dict[str, Path] = {}
+    nbytes: dict[str, int] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as reader:
+                for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    index[name] = file
+                    view = reader.get_slice(name)
+                    nbytes[name] = math.prod(view.get_shape()) * _DTYPE_BYTES[view.get_dtype()]
+        except Exception as exc:
+            raise LlmpressError(f"cannot read safetensors file {file}: {exc}") from exc
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        listed = json.loads(index_file.read_text()).get("weight_map", {})
+        missing = sorted(set(listed) - set(index))
+        if missing:
+            raise LlmpressError(
+                f"{index_file.name} lists {len(missing)} tensors that no shard holds "
+                f"(first: {missing[0]}); the download is incomplete"
+            )
+    return index, nbytes
+
+
+def _decoder_layers(modules: dict[str, torch.nn.Module]) -> tuple[str | None, int]:
+    """The ModuleList holding the decoder layers: the longest one in the model."""
+    best: tuple[str | None, int] = (None, 0)
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > best[1]:
+            best = (name, len(module))
+    return best

@@ -169,6 +169,7 @@ class Run:
     peak_rss_mb: float | None = None
     out_mb: float | None = None
     error: str | None = None
+    load1: float = 0.0  # 1-min load average before the run: the machine is shared
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -254,6 +255,7 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
     in_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     run = Run(model, scheme, tool, round(in_bytes / MB, 1))
     _prepare_cache(model_dir, cold)
+    run.load1 = round(os.getloadavg()[0], 2)
     (BENCH_CACHE / "tmp").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=BENCH_CACHE / "tmp"))  # same disk as the input
     logs = RESULTS_DIR / "logs"
@@ -415,7 +417,7 @@ def main() -> None:
                 runs.append(run)
                 print(
                     f"{model} {scheme} {tool}: wall {_fmt(run.wall_s)} s, "
-                    f"peak RSS {_fmt(run.peak_rss_mb, '.0f')} MB"
+                    f"peak RSS {_fmt(run.peak_rss_mb, '.0f')} MB, load {run.load1}"
                     + (f", failed: {run.error}" if run.error else ""),
                     flush=True,
                 )

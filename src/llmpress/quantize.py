@@ -63,7 +63,7 @@ def compress_layer(
             scale = scale.to(weight.dtype)
         state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
         if gscale is not None:
-            state["weight_global_scale"] = gscale
+            state["weight_global_scale"] = gscale.clone()  # one tensor per module on disk
         packed = compressor.compress(state, scheme)
         out[name] = {k: v.detach().to("cpu").contiguous() for k, v in packed.items()}
     return out

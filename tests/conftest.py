@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny generated models of several families, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen3Config,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = REPO / ".cache" / "fixtures" / "smollm2-135m"
+
+# Small enough to build in milliseconds, wide enough for group 128 and 128x128 blocks.
+_DIMS = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=512,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**_DIMS),
+    "qwen3": lambda: Qwen3Config(**_DIMS),
+    "mistral": lambda: MistralConfig(**_DIMS),
+    "gemma3": lambda: Gemma3TextConfig(**_DIMS, sliding_window=64),
+    "phi3": lambda: Phi3Config(**{k: v for k, v in _DIMS.items() if k != "head_dim"}, pad_token_id=0),
+}
+
+
+def build_tiny(family: str, path: Path, seed: int = 0) -> Path:
+    """A random bf16 model of `family`, saved as safetensors in `path`."""
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():  # wider than the default init so quantization error is visible
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.fail(f"SmolLM2 fixture missing at {SMOLLM2}: run `bash scripts/install.sh`")
+    return SMOLLM2

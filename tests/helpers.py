@@ -1,0 +1,59 @@
+"""Readers used by the tests: the real clients (transformers, compressed-tensors), no mocks."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from transformers.utils.quantization_config import CompressedTensorsConfig
+
+
+def stored_modules(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, grouped by module, under local names."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118
+                module, _, param = key.rpartition(".")
+                modules[module][param] = reader.get_tensor(key)
+    return dict(modules)
+
+
+def group_scheme(checkpoint: Path) -> QuantizationScheme:
+    qconfig = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    (group,) = qconfig["config_groups"].values()
+    return QuantizationScheme.model_validate(group)
+
+
+def ct_decompressed_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Weights as compressed-tensors' own decompressor rebuilds them from the stored state."""
+    scheme = group_scheme(checkpoint)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    out = {}
+    for module, state in stored_modules(checkpoint).items():
+        if "weight_scale" in state:
+            out[module] = compressor.decompress(state, scheme)["weight"]
+    return out
+
+
+def load_transformers(checkpoint: Path, decompress: bool = True, dtype=torch.bfloat16):
+    """transformers' loader; `decompress` unpacks weights at load so they can be compared."""
+    kwargs = {}
+    if decompress:
+        kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs).eval()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits.float()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())

@@ -121,3 +121,7 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

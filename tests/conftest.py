@@ -38,7 +38,9 @@ FAMILIES = {
     "qwen3": lambda: Qwen3Config(**_DIMS),
     "mistral": lambda: MistralConfig(**_DIMS),
     "gemma3": lambda: Gemma3TextConfig(**_DIMS, sliding_window=64),
-    "phi3": lambda: Phi3Config(**{k: v for k, v in _DIMS.items() if k != "head_dim"}, pad_token_id=0),
+    "phi3": lambda: Phi3Config(
+        **{k: v for k, v in _DIMS.items() if k != "head_dim"}, pad_token_id=0
+    ),
 }
 
 

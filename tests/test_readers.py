@@ -33,7 +33,9 @@ def _env(ct_path: Path | None) -> dict[str, str]:
     env.pop("PYTHONPATH", None)
     if ct_path is not None:
         if not (ct_path / "compressed_tensors").is_dir():
-            pytest.fail(f"compressed-tensors 0.20 missing at {ct_path}: run `bash scripts/install.sh`")
+            pytest.fail(
+                f"compressed-tensors 0.20 missing at {ct_path}: run `bash scripts/install.sh`"
+            )
         env["PYTHONPATH"] = str(ct_path)
     return env
 
@@ -42,7 +44,10 @@ def read_with(ct_path: Path | None, checkpoints: list[Path], out: Path) -> tuple
     """Weights rebuilt by transformers + the chosen compressed-tensors, in a subprocess."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "ct_reader.py"), str(out), *map(str, checkpoints)],
-        env=_env(ct_path), capture_output=True, text=True, check=True,
+        env=_env(ct_path),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return report, load_file(out)
@@ -87,7 +92,9 @@ def test_odd_bits_written_for_017_are_misread_by_020_and_we_refuse(name, both_re
 def test_check_reader_refuses_mismatched_layout(tiny_llama, tmp_path):
     out = compress(tiny_llama, tmp_path / "w3", "W3A16", progress=False).output
     check_reader(out)  # written by the installed 0.17: fine
-    with pytest.raises(LlmpressError, match=r"padded layout of compressed-tensors 0\.17\.0.*<0\.18"):
+    with pytest.raises(
+        LlmpressError, match=r"padded layout of compressed-tensors 0\.17\.0.*<0\.18"
+    ):
         check_reader(out, reader_version="0.20.0")
     check_reader(compress(tiny_llama, tmp_path / "w4", "W4A16", progress=False).output, "0.20.0")
 
@@ -96,13 +103,28 @@ def test_written_with_020_reads_with_020_and_is_refused_under_017(tiny_llama, tm
     """Under compressed-tensors 0.20, llmpress writes the dense layout and records 0.20.0."""
     out = tmp_path / "w3-dense"
     subprocess.run(
-        [sys.executable, "-m", "llmpress.cli", "compress", str(tiny_llama), "-o", str(out), "--scheme", "W3A16", "--quiet"],
-        env=_env(CT_NEWEST), check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "llmpress.cli",
+            "compress",
+            str(tiny_llama),
+            "-o",
+            str(out),
+            "--scheme",
+            "W3A16",
+            "--quiet",
+        ],
+        env=_env(CT_NEWEST),
+        check=True,
+        capture_output=True,
     )
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["version"] == "0.20.0"
     report, weights = read_with(CT_NEWEST, [out], tmp_path / "r.safetensors")
-    reference = load_file(tiny_llama / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].float()
+    reference = load_file(tiny_llama / "model.safetensors")[
+        "model.layers.0.mlp.down_proj.weight"
+    ].float()
     got = weights["w3-dense/model.layers.0.mlp.down_proj"].float()
     assert (got - reference).norm() / reference.norm() < 0.3
     with pytest.raises(LlmpressError, match=r"dense layout.*>=0\.18"):

@@ -25,10 +25,24 @@ from llmpress.schemes import scheme_names
 # Relative L2 error of the tiny model's logits against the unquantized model: loose enough for
 # random weights, tight enough that a wrong scale, a transposed pack or a bad group fails.
 LOGIT_BOUND = {
-    "W2A16": 1.2, "W3A16": 0.9, "W4A16": 0.45, "W4A16_ASYM": 0.45, "W4A8": 0.45, "W4AFP8": 0.45,
-    "W5A16": 0.23, "W6A16": 0.12, "W7A16": 0.06, "W8A16": 0.035, "W8A8": 0.05,
-    "FP8_DYNAMIC": 0.15, "FP8_BLOCK": 0.15, "MXFP8A16": 0.12, "MXFP8": 0.15,
-    "NVFP4A16": 0.3, "MXFP4A16": 0.4, "MXFP4": 0.6,
+    "W2A16": 1.2,
+    "W3A16": 0.9,
+    "W4A16": 0.45,
+    "W4A16_ASYM": 0.45,
+    "W4A8": 0.45,
+    "W4AFP8": 0.45,
+    "W5A16": 0.23,
+    "W6A16": 0.12,
+    "W7A16": 0.06,
+    "W8A16": 0.035,
+    "W8A8": 0.05,
+    "FP8_DYNAMIC": 0.15,
+    "FP8_BLOCK": 0.15,
+    "MXFP8A16": 0.12,
+    "MXFP8": 0.15,
+    "NVFP4A16": 0.3,
+    "MXFP4A16": 0.4,
+    "MXFP4": 0.6,
 }
 
 
@@ -36,7 +50,10 @@ LOGIT_BOUND = {
 def written(tiny_llama, tmp_path_factory):
     """Compress the tiny Llama once per scheme; tests share the outputs."""
     root = tmp_path_factory.mktemp("schemes")
-    return {name: compress(tiny_llama, root / name, name, progress=False).output for name in scheme_names()}
+    return {
+        name: compress(tiny_llama, root / name, name, progress=False).output
+        for name in scheme_names()
+    }
 
 
 def _original_weights(model_dir):
@@ -68,14 +85,22 @@ def test_transformers_dequantizes_to_our_reference(name, written, tiny_llama):
     loaded = dict(model.named_parameters())
     quantized = [m for m, s in stored_modules(checkpoint).items() if "weight_scale" in s]
     assert len(quantized) == 14 and "lm_head" not in quantized
-    gscales = _fused_global_scales(original, quantized) if scheme.weights.strategy == QuantizationStrategy.TENSOR_GROUP else {}
+    gscales = (
+        _fused_global_scales(original, quantized)
+        if scheme.weights.strategy == QuantizationStrategy.TENSOR_GROUP
+        else {}
+    )
     for module in quantized:
         weight = original[f"{module}.weight"]
         scale, zp = weight_qparams(weight, scheme.weights, "minmax", gscales.get(module))
         if scheme.weights.scale_dtype is None:
             scale = scale.to(weight.dtype)
-        reference = fake_quantize(weight, scale, zp, scheme.weights, global_scale=gscales.get(module))
-        torch.testing.assert_close(loaded[f"{module}.weight"], reference.to(torch.bfloat16), rtol=0, atol=0)
+        reference = fake_quantize(
+            weight, scale, zp, scheme.weights, global_scale=gscales.get(module)
+        )
+        torch.testing.assert_close(
+            loaded[f"{module}.weight"], reference.to(torch.bfloat16), rtol=0, atol=0
+        )
     # Unquantized tensors pass through bit for bit.
     assert torch.equal(loaded["lm_head.weight"], original["lm_head.weight"])
 
@@ -87,7 +112,9 @@ def test_compressed_tensors_decompressor_matches_transformers(name, written):
     loaded = dict(load_transformers(checkpoint).named_parameters())
     assert len(ours) == 14
     for module, weight in ours.items():
-        torch.testing.assert_close(loaded[f"{module}.weight"], weight.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded[f"{module}.weight"], weight.to(torch.bfloat16), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("name", scheme_names())
@@ -110,7 +137,10 @@ def test_packed_bytes_equal_compressed_tensors_compressor(name, written, tiny_ll
         expected = compressor.compress(inputs, scheme)
         assert set(expected) == set(state), module
         for key, tensor in expected.items():
-            assert tensor.dtype == state[key].dtype and tensor.shape == state[key].shape, (module, key)
+            assert tensor.dtype == state[key].dtype and tensor.shape == state[key].shape, (
+                module,
+                key,
+            )
             assert _as_bytes(tensor) == _as_bytes(state[key]), (module, key)
 
 

@@ -95,26 +95,40 @@ def run(
         writer.abort()
         raise
     out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
-    return CompressResult(output, source.total_bytes, out_bytes, time.perf_counter() - start, len(plan.modules))
+    return CompressResult(
+        output, source.total_bytes, out_bytes, time.perf_counter() - start, len(plan.modules)
+    )
 
 
 def _write_tensors(
-    source: ModelSource, plan: Plan, options: CompressOptions, writer: CheckpointWriter, progress: bool
+    source: ModelSource,
+    plan: Plan,
+    options: CompressOptions,
+    writer: CheckpointWriter,
+    progress: bool,
 ) -> None:
     """One group (a decoder layer, or one loose tensor) resident at a time."""
     weight_of = plan.weight_names
     groups = source.tensors_by_layer()
-    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress)
+    bar = tqdm(
+        total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress
+    )
     for names in groups:
         tensors = source.read(names)
-        for name, tensor in tensors.items():
-            check_finite(name, tensor)
         to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
+        for name, tensor in tensors.items():  # quantized weights are checked by their observer
+            check_finite(name, tensor)
         done = {}
         if to_quantize:
-            packed = compress_layer(to_quantize, plan.scheme, plan.fused, options.observer, options.device)
-            done = {f"{module}.{k}": v for module, state in packed.items() for k, v in state.items()}
-        bar.update(sum(t.numel() * t.element_size() for t in (*tensors.values(), *to_quantize.values())))
+            packed = compress_layer(
+                to_quantize, plan.scheme, plan.fused, options.observer, options.device
+            )
+            done = {
+                f"{module}.{k}": v for module, state in packed.items() for k, v in state.items()
+            }
+        bar.update(
+            sum(t.numel() * t.element_size() for t in (*tensors.values(), *to_quantize.values()))
+        )
         writer.add(tensors | done)
         del tensors, to_quantize, done
     bar.close()
@@ -127,7 +141,9 @@ def _raw_config(source: ModelSource) -> dict:
 
 def _check_device(device: str) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LlmpressError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        raise LlmpressError(
+            f"--device {device}: no CUDA device is available here; use --device cpu"
+        )
     if not device.startswith(("cpu", "cuda")):
         raise LlmpressError(f"--device {device!r} is not supported; use cpu or cuda")
 
@@ -150,8 +166,8 @@ def _check_space(output: Path, need: int) -> None:
     free = shutil.disk_usage(parent).free
     if free < need:
         raise LlmpressError(
-            f"not enough space for the output in {parent}: {free / 1e9:.2f} GB free, about "
-            f"{need / 1e9:.2f} GB needed; free space or choose another -o"
+            f"not enough space for the output in {parent}: {free / 1e6:,.1f} MB free, about "
+            f"{need / 1e6:,.1f} MB needed; free space or choose another -o"
         )
 
 

@@ -93,7 +93,8 @@ def check_reader(checkpoint: Path, reader_version: str | None = None) -> None:
         {
             group["weights"]["num_bits"]
             for group in qconfig.get("config_groups", {}).values()
-            if group.get("weights") and group["weights"]["num_bits"] in (3, 5, 6, 7)
+            if group.get("weights")
+            and group["weights"]["num_bits"] in (3, 5, 6, 7)
             and group.get("format", qconfig.get("format")) == "pack-quantized"
         }
     )
@@ -178,7 +179,17 @@ def _kind(module: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", module)
 
 
-_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1}
+_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I8": 1,
+    "U8": 1,
+    "F8_E4M3": 1,
+}
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:

@@ -18,7 +18,17 @@ def _size(text: str) -> int:
     if not match:
         raise click.BadParameter(f"{text!r} is not a size such as 2GB or 500MB")
     number, unit = float(match.group(1)), match.group(2).rstrip("B")
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+    scale = {
+        "": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "KI": 1024,
+        "MI": 1024**2,
+        "GI": 1024**3,
+        "TI": 1024**4,
+    }
     return int(number * scale[unit])
 
 
@@ -30,17 +40,41 @@ def main() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
 @click.option("--scheme", required=True, help="Preset name; `llmpress schemes` lists them.")
-@click.option("--targets", multiple=True, help="Modules to quantize: name, class or re:regex. Default: Linear.")
-@click.option("--ignore", multiple=True, help="Modules to leave alone (wins over targets). Default: lm_head.")
-@click.option("--observer", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True)
-@click.option("--group-size", type=int, default=None, help="Override the scheme's weight group size.")
+@click.option(
+    "--targets",
+    multiple=True,
+    help="Modules to quantize: name, class or re:regex. Default: Linear.",
+)
+@click.option(
+    "--ignore", multiple=True, help="Modules to leave alone (wins over targets). Default: lm_head."
+)
+@click.option(
+    "--observer", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True
+)
+@click.option(
+    "--group-size", type=int, default=None, help="Override the scheme's weight group size."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compress(model, output, scheme, targets, ignore, observer, group_size, device, max_shard_size, force, quiet):
+def compress(
+    model,
+    output,
+    scheme,
+    targets,
+    ignore,
+    observer,
+    group_size,
+    device,
+    max_shard_size,
+    force,
+    quiet,
+):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.api import compress as run
 

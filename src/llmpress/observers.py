@@ -23,12 +23,12 @@ MSE_NORM = 2.4
 
 
 def grouped(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
-    """View a 2-D weight as (*scale_shape, elements_per_scale), in float32.
+    """View a 2-D weight as (*scale_shape, elements_per_scale), in the weight's dtype.
 
     Scale shapes follow compressed-tensors: tensor [1], channel [out, 1], group [out, in/g],
     block [ceil(out/bh), ceil(in/bw)] (edge blocks padded with zeros, which never widen a range).
     """
-    w = weight.float()
+    w = weight
     out_f, in_f = w.shape
     strategy = args.strategy
     if strategy == QuantizationStrategy.TENSOR:
@@ -48,54 +48,50 @@ def grouped(weight: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
     raise LlmpressError(f"weight strategy {strategy!r} is not supported for weights")
 
 
-def ungrouped(values: torch.Tensor, weight_shape: torch.Size, args: QuantizationArgs) -> torch.Tensor:
-    """Inverse of `grouped` for a tensor of per-element values (drops block padding)."""
-    out_f, in_f = weight_shape
-    if args.strategy == QuantizationStrategy.BLOCK:
-        bh, bw = args.block_structure
-        rows, cols = values.shape[:2]
-        full = values.reshape(rows, cols, bh, bw).permute(0, 2, 1, 3).reshape(rows * bh, cols * bw)
-        return full[:out_f, :in_f]
-    return values.reshape(out_f, in_f)
-
-
 def global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
     """NVFP4's per-tensor scale, shared by modules vLLM fuses (q/k/v, gate/up): one amax."""
     amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
     return generate_gparam(-amax.reshape(1), amax.reshape(1))
 
 
+class NonFiniteWeight(ValueError):
+    """A weight holds NaN or Inf: found by the observer's min/max, at no extra pass."""
+
+
+def group_range(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    # One pass in the weight's own dtype: min and max are exact in any float format.
+    lo, hi = torch.aminmax(grouped(weight, args), dim=-1)
+    lo, hi = lo.float(), hi.float()  # NaN survives both steps
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise NonFiniteWeight
+    return lo, hi
+
+
 def minmax_qparams(
     weight: torch.Tensor, args: QuantizationArgs, gscale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = grouped(weight, args)
-    return calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=gscale)
+    lo, hi = group_range(weight, args)
+    return calculate_qparams(lo, hi, args, global_scale=gscale)
 
 
 def mse_qparams(
     weight: torch.Tensor, args: QuantizationArgs, gscale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the shrunken min-max range whose quantization error is smallest."""
-    groups = grouped(weight, args)
-    lo, hi = groups.amin(-1), groups.amax(-1)
+    lo, hi = group_range(weight, args)
     w = weight.float()
     best_err = torch.full(lo.shape, float("inf"))
     best_scale, best_zp = calculate_qparams(lo, hi, args, global_scale=gscale)
     for step in range(MSE_STEPS + 1):
         shrink = 1.0 - MSE_MAX_SHRINK * step / MSE_STEPS
         scale, zp = calculate_qparams(lo * shrink, hi * shrink, args, global_scale=gscale)
-        dq = fake_quantize(w, _for_forward(scale, args), _for_forward(zp, args), args, global_scale=gscale)
-        err = grouped((dq - w).abs().pow(MSE_NORM), args).sum(-1)
+        dq = fake_quantize(w, scale, zp, args, global_scale=gscale)
+        err = grouped((dq.float() - w).abs().pow(MSE_NORM), args).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
-
-
-def _for_forward(t: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
-    """compressed-tensors' forward wants channel scales as [out, 1]; ours already are."""
-    return t
 
 
 OBSERVERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {

@@ -43,11 +43,6 @@ class CompressOptions(BaseModel):
     device: str = "cpu"
     max_shard_size: int = Field(default=2 * 1024**3, gt=0)
 
-    @field_validator("scheme")
-    @classmethod
-    def _upper(cls, value: str) -> str:
-        return value.upper()
-
     @field_validator("targets")
     @classmethod
     def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -85,7 +80,9 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     scheme.weights.observer = options.observer
     linears = {n: m for n, m in source.modules.items() if isinstance(m, torch.nn.Linear)}
 
-    unmatched = [t for t in options.targets if not any(_matches(n, m, t) for n, m in linears.items())]
+    unmatched = [
+        t for t in options.targets if not any(_matches(n, m, t) for n, m in linears.items())
+    ]
     if unmatched:
         raise LlmpressError(
             f"target {unmatched[0]!r} matches no Linear layer of {source.path.name}; "

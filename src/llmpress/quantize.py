@@ -12,7 +12,7 @@ from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 
 from llmpress.errors import LlmpressError
-from llmpress.observers import global_scale, weight_qparams
+from llmpress.observers import NonFiniteWeight, global_scale, weight_qparams
 
 
 def scheme_format(scheme: QuantizationScheme) -> str:
@@ -29,6 +29,14 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
             f"{name} holds {bad} NaN/Inf values; the input model is corrupt or was saved "
             "after a diverged step — fix or re-export it before compressing"
         )
+
+
+def _qparams(name, weight, args, observer, gscale):
+    try:
+        return weight_qparams(weight, args, observer, gscale)
+    except NonFiniteWeight:
+        check_finite(f"{name}.weight", weight)  # counts the bad values for the message
+        raise
 
 
 def compress_layer(
@@ -56,7 +64,7 @@ def compress_layer(
     out = {}
     for name, weight in on_device.items():
         gscale = gscales.get(name)
-        scale, zero_point = weight_qparams(weight, args, observer, gscale)
+        scale, zero_point = _qparams(name, weight, args, observer, gscale)
         if args.scale_dtype is None:
             # Stored scales take the weight's dtype (what vLLM and llm-compressor write);
             # quantizing with the rounded scale keeps stored bytes and reference identical.

@@ -100,7 +100,9 @@ def build_scheme(
             )
         args["weights"] = weights.model_copy(update={"group_size": group_size})
         args["weights"] = QuantizationArgs.model_validate(args["weights"].model_dump())
-    fmt = CompressionFormat.pack_quantized.value if name.upper() in PACKED_WITH_ACTIVATIONS else None
+    fmt = (
+        CompressionFormat.pack_quantized.value if name.upper() in PACKED_WITH_ACTIVATIONS else None
+    )
     return QuantizationScheme(targets=list(targets), format=fmt, **args)
 
 

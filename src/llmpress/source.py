@@ -26,8 +26,23 @@ PASSTHROUGH_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
     r"|.*\.model|chat_template\.(jinja|json)|generation_config\.json|preprocessor_config\.json)$"
 )
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-                "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -130,7 +145,9 @@ class ModelSource:
         return out
 
     def passthrough_files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name))
+        return sorted(
+            p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name)
+        )
 
 
 def _quant_method(config: PretrainedConfig) -> str:

@@ -56,7 +56,9 @@ class CheckpointWriter:
         self._shards.append((name, list(self._buffer)))
         self._buffer = {}
 
-    def finish(self, config: dict, files: list[Path], extra_files: dict[str, str]) -> dict[str, str]:
+    def finish(
+        self, config: dict, files: list[Path], extra_files: dict[str, str]
+    ) -> dict[str, str]:
         """Write the index, config and extra files, then move the directory into place.
 
         Returns the sha256 of every file written, for the manifest.
@@ -102,7 +104,10 @@ class CheckpointWriter:
             os.replace(self.tmp_dir / part, self.tmp_dir / final)
             weight_map.update(dict.fromkeys(keys, final))
             names.append(final)
-        index = {"metadata": {"total_size": self.bytes_written}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.bytes_written},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         _write_json(self.tmp_dir / "model.safetensors.index.json", index)
         return names
 
@@ -117,12 +122,19 @@ class _disk_errors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if _is_disk_full(exc):
             raise LlmpressError(
-                f"no space left on the device holding {self.where.parent} ({exc.strerror}); "
+                f"no space left on the device holding {self.where.parent}; "
                 "free space or write the output elsewhere with -o — nothing was kept"
             ) from exc
         return False
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    # safetensors reports I/O failures as its own error type, with the OS message inside.
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return exc is not None and ("No space left on device" in str(exc) or "os error 28" in str(exc))
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -166,6 +166,7 @@ class Run:
     tool: str
     in_mb: float
     wall_s: float | None = None
+    cpu_s: float | None = None  # user+sys of the tree: steadier than wall on a shared machine
     peak_rss_mb: float | None = None
     out_mb: float | None = None
     error: str | None = None
@@ -184,8 +185,8 @@ def _tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int]:
-    """Wall time, peak RSS (bytes) and exit code of one subprocess tree.
+def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, int, int]:
+    """Wall time, CPU time, peak RSS (bytes) and exit code of one subprocess tree.
 
     Peak RSS is the larger of the 50 ms-polled sum over the tree and the kernel's own
     high-water mark for the child (wait4), which catches spikes between polls.
@@ -203,7 +204,8 @@ def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, int]:
         time.sleep(0.05)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, max(peak, usage.ru_maxrss * 1024), proc.returncode
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, max(peak, usage.ru_maxrss * 1024), proc.returncode
 
 
 def _last_error(log: Path) -> str:
@@ -262,11 +264,12 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{model}-{scheme}-{tool}.log"
     try:
-        wall, peak, rc = measure(
+        wall, cpu, peak, rc = measure(
             command(tool, model_dir, tmp / "out", scheme, GROUP_SIZE[model]), tmp, log
         )
         if rc == 0:
-            run.wall_s, run.peak_rss_mb = round(wall, 2), round(peak / MB, 1)
+            run.wall_s, run.cpu_s = round(wall, 2), round(cpu, 2)
+            run.peak_rss_mb = round(peak / MB, 1)
             run.out_mb = round(_dir_bytes(tmp / "out") / MB, 1)
         else:
             run.error = _last_error(log)
@@ -282,7 +285,7 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
 
 
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per model/scheme/tool: best wall, worst peak RSS over the repeats."""
+    """One row per model/scheme/tool: best wall and CPU, worst peak RSS over the repeats."""
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in runs:
         row = rows.setdefault(
@@ -293,6 +296,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "tool": r.tool,
                 "in_mb": r.in_mb,
                 "wall_s": None,
+                "cpu_s": None,
                 "peak_rss_mb": None,
                 "out_mb": None,
                 "error": None,
@@ -304,6 +308,7 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
             row["error"] = r.error
             continue
         row["wall_s"] = min(filter(None, (row["wall_s"], r.wall_s)))
+        row["cpu_s"] = min(filter(None, (row["cpu_s"], r.cpu_s)))
         row["peak_rss_mb"] = max(filter(None, (row["peak_rss_mb"], r.peak_rss_mb)))
         row["out_mb"] = r.out_mb
     for row in rows.values():
@@ -318,7 +323,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     copy_tput = {r["model"]: r["mb_per_s"] for r in rows if r["tool"] == "copy"}
     print(
-        f"\n{'model':8} {'scheme':11} {'tool':10} {'wall s':>8} {'peak RSS MB':>11} "
+        f"\n{'model':8} {'scheme':11} {'tool':10} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>11} "
         f"{'out MB':>8} {'MB/s':>7} {'vs copy':>7}"
     )
     for r in rows:
@@ -326,8 +331,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         frac = r["mb_per_s"] / ref if r["mb_per_s"] and ref else None
         line = (
             f"{r['model']:8} {r['scheme']:11} {r['tool']:10} {_fmt(r['wall_s']):>8} "
-            f"{_fmt(r['peak_rss_mb'], '.0f'):>11} {_fmt(r['out_mb'], '.1f'):>8} "
-            f"{_fmt(r['mb_per_s'], '.0f'):>7} {_fmt(frac):>7}"
+            f"{_fmt(r['cpu_s']):>8} {_fmt(r['peak_rss_mb'], '.0f'):>11} "
+            f"{_fmt(r['out_mb'], '.1f'):>8} {_fmt(r['mb_per_s'], '.0f'):>7} {_fmt(frac):>7}"
         )
         print(line + (f"  failed: {r['error']}" if r["error"] else ""))
     by_key = {(r["model"], r["scheme"], r["tool"]): r for r in rows}
@@ -340,6 +345,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 print(
                     f"{model} {scheme} llmpress/{ref_tool}: "
                     f"wall {r['wall_s'] / ref['wall_s']:.2f}x, "
+                    f"CPU {r['cpu_s'] / ref['cpu_s']:.2f}x, "
                     f"RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
                 )
 
@@ -416,7 +422,7 @@ def main() -> None:
                 run = run_one(model, scheme, tool, args.cold)
                 runs.append(run)
                 print(
-                    f"{model} {scheme} {tool}: wall {_fmt(run.wall_s)} s, "
+                    f"{model} {scheme} {tool}: wall {_fmt(run.wall_s)} s, CPU {_fmt(run.cpu_s)} s, "
                     f"peak RSS {_fmt(run.peak_rss_mb, '.0f')} MB, load {run.load1}"
                     + (f", failed: {run.error}" if run.error else ""),
                     flush=True,

@@ -90,7 +90,18 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
         )
     selected = [n for n, m in linears.items() if is_match(n, m, options.targets)]
     chosen = tuple(n for n in selected if not _matches_any(n, linears[n], options.ignore))
-    ignored = tuple(n for n in selected if n not in chosen)
+    # Readers apply config_groups to every module a target matches; a regex such as
+    # `re:.*mlp.*` also matches the MLP container and its activation, which compressed-tensors
+    # cannot quantize. Those are listed in `ignore` so readers build exactly this plan.
+    others = tuple(
+        n
+        for n, m in source.modules.items()
+        if n
+        and n not in linears
+        and is_match(n, m, options.targets)
+        and not _matches_any(n, m, options.ignore)
+    )
+    ignored = tuple(n for n in selected if n not in chosen) + others
     if not chosen:
         raise LlmpressError("every targeted layer is ignored; nothing would be quantized")
     missing = [n for n in chosen if f"{n}.weight" not in source.tensor_files]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 from helpers import load_transformers
-from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
 from llmpress import compress

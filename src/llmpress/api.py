@@ -16,6 +16,7 @@ from tqdm import tqdm
 from llmpress import __version__
 from llmpress.checkpoint import quantization_config, recipe_yaml
 from llmpress.errors import LlmpressError
+from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import CompressOptions, Plan, build_plan
 from llmpress.quantize import check_finite, compress_layer
 from llmpress.source import ModelSource
@@ -76,6 +77,7 @@ def run(
     model: str | os.PathLike, output: Path, options: CompressOptions, *, force: bool, progress: bool
 ) -> CompressResult:
     start = time.perf_counter()
+    release_large_blocks_to_os()
     output = output.expanduser().resolve()
     _check_device(options.device)
     source = ModelSource.open(model)

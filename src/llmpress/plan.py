@@ -70,7 +70,7 @@ class Plan:
         bits = self.scheme.weights.num_bits
         for name in self.modules:
             numel = source.modules[name].weight.numel()
-            shrink += source.tensor_nbytes[f"{name}.weight"] - int(numel * bits / 8 * 1.02)
+            shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
         return source.total_bytes - shrink
 
 

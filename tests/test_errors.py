@@ -177,3 +177,12 @@ def test_cuda_requested_without_gpu(tiny_llama, tmp_path):
         pytest.skip("a GPU is present: the error path cannot be reached")
     with pytest.raises(LlmpressError, match="no CUDA device"):
         compress(tiny_llama, tmp_path / "out", "W4A16", device="cuda")
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach the hub from tests
+    with pytest.raises(
+        LlmpressError,
+        match=r"'some-org/some-model' is not a local directory and could not be fetched",
+    ):
+        compress("some-org/some-model", tmp_path / "out", "W4A16")

@@ -58,6 +58,9 @@ def test_real_model_quality(scheme, smollm2, base_ppl, tmp_path):
     out = compress(smollm2, tmp_path / scheme, scheme, group_size=group, progress=False).output
     model = load(out)
     tokenizer = AutoTokenizer.from_pretrained(out)  # tokenizer files were copied
+    assert (out / "chat_template.jinja").read_text() == (
+        smollm2 / "chat_template.jinja"
+    ).read_text()
     ppl = perplexity(model, tokenizer)
     assert base_ppl < ppl < base_ppl * PPL_FACTOR[scheme], (base_ppl, ppl)
     if scheme == "W4A16":

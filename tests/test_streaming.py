@@ -18,8 +18,13 @@ LAYER_BYTES = 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096)  # attention + MLP of one 
 
 def _build(path, layers: int):
     config = LlamaConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=4096, tie_word_embeddings=False,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=4096,
+        tie_word_embeddings=False,
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -38,9 +43,23 @@ def _peak_rss_of_cli(model, out) -> int:
         "subprocess.run(sys.argv[1:], check=True);"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    cmd = [sys.executable, "-m", "llmpress.cli", "compress", str(model), "-o", str(out),
-           "--scheme", "W4A16", "--max-shard-size", "64MB", "--quiet"]
-    proc = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmpress.cli",
+        "compress",
+        str(model),
+        "-o",
+        str(out),
+        "--scheme",
+        "W4A16",
+        "--max-shard-size",
+        "64MB",
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True
+    )
     return int(proc.stdout.strip().splitlines()[-1]) * 1024
 
 
@@ -61,7 +80,9 @@ def test_peak_memory_does_not_grow_with_model_size(two_sizes, tmp_path):
 
 
 def test_output_is_sharded_with_a_complete_index(two_sizes, tmp_path):
-    out = compress(two_sizes[4], tmp_path / "o", "FP8_DYNAMIC", max_shard_size=40_000_000, progress=False).output
+    out = compress(
+        two_sizes[4], tmp_path / "o", "FP8_DYNAMIC", max_shard_size=40_000_000, progress=False
+    ).output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)

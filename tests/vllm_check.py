@@ -129,8 +129,12 @@ def _stored(checkpoint: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     return {module: params for module, params in modules.items() if "weight_scale" in params}
 
 
-def _check_layer(quant: Any, name: str, parts: dict[str, dict[str, tuple[int, ...]]],
-                 linears: dict[str, tuple[int, int]]) -> str:
+def _check_layer(
+    quant: Any,
+    name: str,
+    parts: dict[str, dict[str, tuple[int, ...]]],
+    linears: dict[str, tuple[int, int]],
+) -> str:
     """Scheme for one vLLM layer (parts: the checkpoint modules fused into it), as vLLM's
     linear layers do: get_scheme, then create_weights; then every stored tensor needs a
     parameter of that name, as vLLM's weight loader does (and the same shape, unfused)."""
@@ -146,14 +150,20 @@ def _check_layer(quant: Any, name: str, parts: dict[str, dict[str, tuple[int, ..
     (size_in,) = in_features
     sizes = [linears[part][1] for part in parts]
     scheme.create_weights(
-        layer=layer, input_size=size_in, input_size_per_partition=size_in,
-        output_partition_sizes=sizes, output_size=sum(sizes), params_dtype=torch.bfloat16,
+        layer=layer,
+        input_size=size_in,
+        input_size_per_partition=size_in,
+        output_partition_sizes=sizes,
+        output_size=sum(sizes),
+        params_dtype=torch.bfloat16,
         weight_loader=lambda *args, **kwargs: None,
     )
     params = dict(layer.named_parameters())
     for tensor in sorted({tensor for tensors in parts.values() for tensor in tensors}):
         if tensor not in params:
-            return f"ERROR: no vLLM parameter for {tensor} of {sorted(parts)} (has {sorted(params)})"
+            return (
+                f"ERROR: no vLLM parameter for {tensor} of {sorted(parts)} (has {sorted(params)})"
+            )
         shapes = [tensors[tensor] for tensors in parts.values()]
         expected = tuple(params[tensor].shape)
         dim = getattr(params[tensor], "output_dim", None)

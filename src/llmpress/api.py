@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,30 +110,38 @@ def _write_tensors(
     writer: CheckpointWriter,
     progress: bool,
 ) -> None:
-    """One group (a decoder layer, or one loose tensor) resident at a time."""
+    """One group (a decoder layer, or one loose tensor) in work at a time.
+
+    The next group is read in a background thread while this one is quantized (file reads
+    release the GIL), so disk and arithmetic overlap; at most two groups are resident.
+    """
     weight_of = plan.weight_names
     groups = source.tensors_by_layer()
     bar = tqdm(
         total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress
     )
-    for names in groups:
-        tensors = source.read(names)
-        to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
-        for name, tensor in tensors.items():  # quantized weights are checked by their observer
-            check_finite(name, tensor)
-        done = {}
-        if to_quantize:
-            packed = compress_layer(
-                to_quantize, plan.scheme, plan.fused, options.observer, options.device
-            )
-            done = {
-                f"{module}.{k}": v for module, state in packed.items() for k, v in state.items()
-            }
-        bar.update(
-            sum(t.numel() * t.element_size() for t in (*tensors.values(), *to_quantize.values()))
-        )
-        writer.add(tensors | done)
-        del tensors, to_quantize, done
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-read") as reader:
+        pending = reader.submit(source.read, groups[0]) if groups else None
+        for i, names in enumerate(groups):
+            tensors = pending.result()
+            pending = reader.submit(source.read, groups[i + 1]) if i + 1 < len(groups) else None
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
+            for name, tensor in tensors.items():  # quantized weights: checked by the observer
+                check_finite(name, tensor)
+            if to_quantize:
+                packed = compress_layer(
+                    to_quantize, plan.scheme, plan.fused, options.observer, options.device
+                )
+                tensors.update(
+                    (f"{module}.{k}", v)
+                    for module, state in packed.items()
+                    for k, v in state.items()
+                )
+            del to_quantize
+            writer.add(tensors)
+            del tensors
+            bar.update(nbytes)
     bar.close()
 
 

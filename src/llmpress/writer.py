@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ class CheckpointWriter:
         self._buffer: dict[str, torch.Tensor] = {}
         self._shards: list[tuple[str, list[str]]] = []
         self.bytes_written = 0
+        # One shard is serialized in the background while the next layers are quantized.
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-write")
+        self._saving: Future | None = None
         if self.tmp_dir.exists():  # left by a run that was killed before it could clean up
             shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
@@ -45,16 +49,26 @@ class CheckpointWriter:
         self._buffer.update(tensors)
 
     def _flush(self) -> None:
+        self._wait()
         if not self._buffer:
             return
         name = f"part-{len(self._shards) + 1:05d}.safetensors"
-        with _disk_errors(self.tmp_dir):
-            save_file(self._buffer, self.tmp_dir / name, metadata={"format": "pt"})
-            # safetensors creates files owner-only; checkpoints are meant to be shared.
-            os.chmod(self.tmp_dir / name, 0o644)
         self.bytes_written += tensor_bytes(self._buffer)
         self._shards.append((name, list(self._buffer)))
+        self._saving = self._saver.submit(self._save, self._buffer, self.tmp_dir / name)
         self._buffer = {}
+
+    def _save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        with _disk_errors(self.tmp_dir):
+            save_file(tensors, path, metadata={"format": "pt"})
+            # safetensors creates files owner-only; checkpoints are meant to be shared.
+            os.chmod(path, 0o644)
+
+    def _wait(self) -> None:
+        """Surface the background save's outcome (a full disk raises here)."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            saving.result()
 
     def finish(
         self, config: dict, files: list[Path], extra_files: dict[str, str]
@@ -64,6 +78,8 @@ class CheckpointWriter:
         Returns the sha256 of every file written, for the manifest.
         """
         self._flush()
+        self._wait()
+        self._saver.shutdown()
         with _disk_errors(self.tmp_dir):
             final_names = self._name_shards()
             for src in files:
@@ -89,6 +105,7 @@ class CheckpointWriter:
         _fsync_dir(self.out_dir.parent)
 
     def abort(self) -> None:
+        self._saver.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _name_shards(self) -> list[str]:

@@ -371,19 +371,24 @@ def _versions() -> dict[str, str]:
 
 
 def save_json(rows: list[dict[str, Any]], runs: list[Run], cold: bool) -> Path:
-    """Merge into the results file so a run of one model keeps the other's figures."""
+    """Merge into the results file so a run of one model keeps the other's figures.
+
+    Rows are stamped with date and cache mode, since merged rows may come from other runs.
+    """
     path = RESULTS_DIR / "datafree.json"
     old = json.loads(path.read_text()) if path.exists() else {}
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cache": "cold" if cold else "warm"}
+    new_rows = [{**r, **stamp} for r in rows]
+    new_runs = [{**asdict(r), **stamp} for r in runs]
     keys = {(r["model"], r["scheme"], r["tool"]) for r in rows}
-    kept = [r for r in old.get("summary", []) if (r["model"], r["scheme"], r["tool"]) not in keys]
+
+    def fresh(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for r in entries if (r["model"], r["scheme"], r["tool"]) not in keys]
+
     data = {
-        "meta": {
-            **_versions(),
-            "cache": "cold" if cold else "warm",
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
-        "summary": kept + rows,
-        "runs": [asdict(r) for r in runs],
+        "meta": _versions(),
+        "summary": fresh(old.get("summary", [])) + new_rows,
+        "runs": fresh(old.get("runs", [])) + new_runs,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")

@@ -12,6 +12,7 @@ from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
 
 from llmpress.errors import LlmpressError
+from llmpress.fastpath import fast_compress
 from llmpress.observers import NonFiniteWeight, global_scale, weight_qparams
 
 
@@ -52,7 +53,8 @@ def compress_layer(
     global scale. Returned tensors are on the CPU, named locally (`weight_packed`, ...).
     """
     args = scheme.weights
-    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
+    fmt = scheme_format(scheme)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
     on_device = {name: w.to(device) for name, w in weights.items()}
     gscales: dict[str, torch.Tensor] = {}
     if args.strategy == QuantizationStrategy.TENSOR_GROUP:
@@ -72,6 +74,6 @@ def compress_layer(
         state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
         if gscale is not None:
             state["weight_global_scale"] = gscale.clone()  # one tensor per module on disk
-        packed = compressor.compress(state, scheme)
+        packed = fast_compress(state, scheme, fmt) or compressor.compress(state, scheme)
         out[name] = {k: v.detach().to("cpu").contiguous() for k, v in packed.items()}
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import load_transformers
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 import llmpress.schemes
 from llmpress import compress
@@ -26,16 +26,29 @@ pytestmark = [
 ]
 
 CHECK = Path(__file__).with_name("vllm_check.py")
-PROMPTS = ["The capital of France is", "Water boils at", "Once upon a time"]
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at",
+    "Once upon a time",
+    "The best way to learn a new language is",
+    "My favourite food is",
+    "In the morning, I usually",
+    "The sun is a",
+    "To make a cup of tea, you",
+]
 NEW_TOKENS = 16
 # Schemes vLLM's CPU build serves. SmolLM2's width (576) takes group 64, not 128.
 SERVED = {"W4A16": 64, "W4A16_ASYM": 64, "W8A8": None, "FP8_DYNAMIC": None}
-# Greedy tokens that must equal transformers' before the first allowed divergence, and the share
-# of all positions that must. Measured: every scheme agrees on all 16 tokens of every prompt;
-# the bounds leave room for one late flip of a near-tie, which vLLM's kernels may cause.
-PREFIX, AGREEMENT = 8, 0.75
-# Against the unquantized model; 8-bit schemes should barely move greedy decoding.
-BASE_PREFIX = {"W8A8": 2, "FP8_DYNAMIC": 4}
+# vLLM's greedy tokens scored by transformers on the same prefix (teacher-forced, so that one
+# near-tie does not derail the rest). Measured on 8 x 16 tokens: transformers' argmax is vLLM's
+# token at 98% (base), 95% (W4A16), 99% (W4A16_ASYM), 89% (W8A8, FP8_DYNAMIC) of positions;
+# the mean log-prob gap to transformers' best is <= 0.06 nats. Free-running decodes diverge at
+# such ties even unquantized (vLLM's bf16 kernels say "1000" where transformers says "100").
+AGREEMENT, MEAN_GAP = 0.8, 0.15
+# Not garbage: mean NLL of vLLM's continuations under the unquantized model, above that of
+# vLLM's unquantized continuations (1.07 nats). Measured: +0.02 (W8A8), +0.04 (FP8_DYNAMIC),
+# +0.52 (W4A16_ASYM), +0.84 (W4A16); random tokens would cost ~10 nats.
+EXTRA_NLL = {"W4A16": 1.5, "W4A16_ASYM": 1.5, "W8A8": 0.3, "FP8_DYNAMIC": 0.3}
 
 # The scheme class vLLM 0.32 builds for each preset, on an H100 (sm90).
 MAPPED = {
@@ -76,18 +89,27 @@ def run_check(*args: str) -> Any:
     return json.loads(results[-1].removeprefix("RESULT "))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+@torch.no_grad()
+def score(
+    checkpoint: Path, prompts: list[list[int]], continuations: list[list[int]]
+) -> tuple[float, torch.Tensor, float]:
+    """Per continuation token, under transformers: is it the argmax, its log-prob gap to the
+    argmax, and its negative log-prob."""
+    model = load_transformers(checkpoint, decompress=False)
+    hits, gaps, nlls = [], [], []
+    for prompt, tokens in zip(prompts, continuations, strict=True):
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        logprobs = logits.float().log_softmax(-1)
+        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        hits.append(logprobs.argmax(-1) == torch.tensor(tokens))
+        gaps.append(logprobs.max(-1).values - chosen)
+        nlls.append(-chosen)
+    return torch.cat(hits).float().mean().item(), torch.cat(gaps), torch.cat(nlls).mean().item()
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = [(x, y) for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True)]
-    return sum(x == y for x, y in pairs) / len(pairs)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Two torch threads on this 2-core runner decode ~10x slower than one: they contend."""
+    """Two torch threads on the 2-core runner run 5-10x slower than one (compress included)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -96,7 +118,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def prompt_ids(smollm2) -> list[list[int]]:
-    """Token ids, so that vLLM and transformers decode from the very same input."""
+    """Token ids, so that vLLM and transformers read the very same input."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     return [tokenizer(prompt).input_ids for prompt in PROMPTS]
 
@@ -104,8 +126,10 @@ def prompt_ids(smollm2) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def served(smollm2, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("served")
-    out = {name: compress(smollm2, root / name, name, group_size=group, progress=False).output
-           for name, group in SERVED.items()}
+    out = {
+        name: compress(smollm2, root / name, name, group_size=group, progress=False).output
+        for name, group in SERVED.items()
+    }
     return {"BASE": smollm2, **out}
 
 
@@ -115,47 +139,34 @@ def vllm_tokens(served, prompt_ids, tmp_path_factory) -> dict[str, list[list[int
     prompts = tmp_path_factory.mktemp("prompts") / "prompts.json"
     prompts.write_text(json.dumps(prompt_ids))
     paths = {str(path): name for name, path in served.items()}
-    result = run_check("generate", *paths, "--prompts-json", str(prompts),
-                       "--max-tokens", str(NEW_TOKENS))
-    return {paths[path]: tokens for path, tokens in result.items()}
-
-
-@torch.no_grad()
-def transformers_tokens(checkpoint: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
-    """Greedy, and past EOS like vLLM's ignore_eos, so both always give NEW_TOKENS tokens."""
-    model = load_transformers(checkpoint, decompress=False)
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-    out = []
-    for ids in prompt_ids:
-        inputs = torch.tensor([ids])
-        tokens = model.generate(inputs, attention_mask=torch.ones_like(inputs),
-                                generation_config=config)
-        out.append(tokens[0, len(ids):].tolist())
-    return out
-
-
-@pytest.fixture(scope="module")
-def base_tokens(smollm2, prompt_ids, one_thread) -> list[list[int]]:
-    return transformers_tokens(smollm2, prompt_ids)
+    result = run_check(
+        "generate", *paths, "--prompts-json", str(prompts), "--max-tokens", str(NEW_TOKENS)
+    )
+    tokens = {paths[path]: tokens for path, tokens in result.items()}
+    assert all(len(t) == NEW_TOKENS for seqs in tokens.values() for t in seqs)
+    return tokens
 
 
 @pytest.mark.parametrize("name", ["BASE", *SERVED])
-def test_vllm_decodes_like_transformers(name, served, vllm_tokens, prompt_ids, one_thread):
-    """vLLM's CPU kernels and transformers' dequantize path choose the same greedy tokens."""
-    ours = vllm_tokens[name]
-    theirs = transformers_tokens(served[name], prompt_ids)
-    assert all(len(tokens) == NEW_TOKENS for tokens in ours)
-    prefixes = [common_prefix(a, b) for a, b in zip(ours, theirs, strict=True)]
-    assert min(prefixes) >= PREFIX, (prefixes, ours, theirs)
-    assert agreement(ours, theirs) >= AGREEMENT, (ours, theirs)
+def test_vllm_decodes_like_transformers(name, served, vllm_tokens, prompt_ids):
+    """vLLM's CPU kernels pick the greedy tokens transformers picks from the same checkpoint,
+    and where they differ it is a near-tie for transformers too."""
+    agreement, gaps, _ = score(served[name], prompt_ids, vllm_tokens[name])
+    assert agreement >= AGREEMENT, (agreement, gaps.tolist())
+    assert gaps.mean().item() <= MEAN_GAP, gaps.tolist()
 
 
-@pytest.mark.parametrize("name", BASE_PREFIX)
-def test_vllm_8bit_stays_near_base(name, vllm_tokens, base_tokens):
-    """Not garbage: 8-bit schemes served by vLLM start as the unquantized model does."""
-    prefixes = [common_prefix(a, b) for a, b in zip(vllm_tokens[name], base_tokens, strict=True)]
-    assert min(prefixes) >= BASE_PREFIX[name], (prefixes, vllm_tokens[name], base_tokens)
+@pytest.fixture(scope="module")
+def base_nll(smollm2, vllm_tokens, prompt_ids) -> float:
+    """The unquantized model's NLL of its own continuations, as vLLM served them."""
+    return score(smollm2, prompt_ids, vllm_tokens["BASE"])[2]
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_vllm_output_reads_like_the_base_model(name, smollm2, vllm_tokens, prompt_ids, base_nll):
+    """Not garbage: the unquantized model finds vLLM's quantized continuations likely."""
+    _, _, nll = score(smollm2, prompt_ids, vllm_tokens[name])
+    assert nll <= base_nll + EXTRA_NLL[name], (nll, base_nll)
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +177,19 @@ def mapped(tiny_llama, tmp_path_factory) -> dict[str, dict[str, str]]:
     and block: SmolLM2 does not (W4AFP8 needs group 128, FP8_BLOCK 128-row blocks).
     """
     root = tmp_path_factory.mktemp("mapped")
-    paths = {str(compress(tiny_llama, root / name, name, progress=False).output): name
-             for name in MAPPED}
+    paths = {
+        str(compress(tiny_llama, root / name, name, progress=False).output): name for name in MAPPED
+    }
     result = run_check("schemes", *paths, "--capability", "9.0")
     return {paths[path]: layers for path, layers in result.items()}
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=ODD_BITS) if n in {"W3A16", "W5A16", "W6A16", "W7A16"}
-             else n for n in MAPPED]
+    "name",
+    [
+        pytest.param(n, marks=ODD_BITS) if n in {"W3A16", "W5A16", "W6A16", "W7A16"} else n
+        for n in MAPPED
+    ],
 )
 def test_vllm_maps_every_layer(name, mapped):
     """Each quantized Linear gets vLLM's scheme for the preset, and its stored tensors match
@@ -186,7 +201,12 @@ def test_vllm_maps_every_layer(name, mapped):
 
 def test_vllm_check_rejects_unpacked_w4afp8(tiny_llama, tmp_path, monkeypatch):
     """The check can fail: W4AFP8 as llm-compressor writes it by default (int-quantized, one
-    int8 per weight) has no parameter to load into; vLLM wants it pack-quantized."""
+    int8 per weight) has no parameter to load into; vLLM wants it pack-quantized.
+
+    Editing only config.json's format would not do: on sm90 vLLM picks CompressedTensorsW4A8Fp8
+    whatever the format says, and loads the packed tensors by name. (Elsewhere no W4AFP8
+    checkpoint maps: "No compressed-tensors compatible scheme was found".)
+    """
     monkeypatch.setattr(llmpress.schemes, "PACKED_WITH_ACTIVATIONS", set())
     checkpoint = compress(tiny_llama, tmp_path / "w4afp8", "W4AFP8", progress=False).output
     qconfig = json.loads((checkpoint / "config.json").read_text())["quantization_config"]

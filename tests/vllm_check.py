@@ -1,7 +1,7 @@
 """vLLM's view of llmpress checkpoints, run as a child process of tests/test_vllm.py.
 
 vLLM's import, its process tree and its global patches (it replaces torch.set_num_threads)
-stay out of pytest. Both modes print one JSON object, prefixed by RESULT, as the last line.
+stay out of pytest. Both modes print one JSON object on a line of its own, prefixed by RESULT.
 
   generate CHECKPOINT... --prompts-json FILE --max-tokens N
       greedy token ids per prompt, served by vLLM's CPU build: {checkpoint: [[ids], ...]}
@@ -50,7 +50,6 @@ def generate(checkpoints: list[str], prompts: list[Any], max_tokens: int) -> dic
             max_model_len=512,
             max_num_seqs=len(inputs),
             kv_cache_memory_bytes=KV_CACHE_BYTES,
-            seed=0,
         )
         results = llm.generate(inputs, params, use_tqdm=False)
         out[checkpoint] = [list(r.outputs[0].token_ids) for r in results]
@@ -62,11 +61,14 @@ def generate(checkpoints: list[str], prompts: list[Any], max_tokens: int) -> dic
 def _pretend_gpu(capability: str) -> None:
     """Make vLLM's capability-gated choices as on that GPU, and skip kernel selection.
 
-    Scheme choice depends only on the quantization config and the device capability (e.g.
-    W4AFP8 maps only on sm90 exactly), and the CPU platform reports none. So the platform
-    reports `capability`. Kernel selection (Marlin, CUTLASS, FlashInfer...) needs the real
-    device and CUDA ops, and some schemes do it in __init__: it is replaced by a stub in the
-    scheme modules only. Parameter names and shapes come from create_weights, not the kernel.
+    Which scheme vLLM picks depends on the quantization config and the device capability
+    (W4AFP8 maps on sm90 only; FP8 W8A8 needs >= 89), and the CPU platform reports no
+    capability, so it reports `capability` instead: one classmethod, nothing else. Kernel
+    selection (Marlin, CUTLASS, FlashInfer...) needs a GPU and CUDA ops, and the NVFP4, MXFP4
+    and FP8 schemes do it in __init__, so `choose_mp_linear_kernel` and `init_*_kernel`, as
+    the scheme modules see them, return a stub. The rest runs unchanged: the scheme choice,
+    its validation (group size, block shape) and create_weights, whose parameters are what
+    vLLM's weight loader fills from the checkpoint's tensors.
     """
     from unittest import mock
 
@@ -135,12 +137,14 @@ def _check_layer(
     parts: dict[str, dict[str, tuple[int, ...]]],
     linears: dict[str, tuple[int, int]],
 ) -> str:
-    """Scheme for one vLLM layer (parts: the checkpoint modules fused into it), as vLLM's
-    linear layers do: get_scheme, then create_weights; then every stored tensor needs a
-    parameter of that name, as vLLM's weight loader does (and the same shape, unfused)."""
+    """Scheme for one vLLM layer (parts: the checkpoint modules fused into it), found as vLLM's
+    linear layers find it: get_scheme, then create_weights. Every stored tensor then needs a
+    parameter of its name (vLLM's loader fails on any other) and, stacked along the output
+    dimension, of its shape."""
     import torch
 
     layer = torch.nn.Module()
+    # Targets name module classes ("Linear"); vLLM's QKVParallelLinear etc. match as nn.Linear.
     scheme = quant.get_scheme(layer=torch.nn.Linear(1, 1), layer_name=name)
     if scheme is None:
         return "ERROR: not quantized by vLLM (ignored or untargeted)"
@@ -211,7 +215,7 @@ def schemes(checkpoints: list[str], capability: str) -> dict[str, dict[str, str]
             for name, parts in sorted(layers.items()):
                 try:
                     result[name] = _check_layer(quant, name, parts, linears)
-                except Exception as error:  # noqa: BLE001 - reported, the test asserts
+                except Exception as error:  # reported per layer; the test asserts
                     result[name] = f"ERROR: {type(error).__name__}: {error}"
         out[str(checkpoint)] = result
     return out

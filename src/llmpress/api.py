@@ -86,7 +86,7 @@ def run(
     plan = build_plan(source, options)
     _check_space(output, plan.estimated_output_bytes(source))
 
-    writer = CheckpointWriter(output, options.max_shard_size)
+    writer = CheckpointWriter(output, options.max_shard_size, list(source.tensor_files))
     try:
         _write_tensors(source, plan, options, writer, progress)
         config = _raw_config(source)

@@ -12,11 +12,9 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from llmpress.errors import LlmpressError
 
@@ -25,50 +23,108 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class CheckpointWriter:
-    """Collects finished tensors into shards of at most `max_shard_size` bytes."""
+# torch dtypes -> safetensors dtype names (the format's spec).
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+# Bytes of header per tensor beyond its name: dtype, shape and offsets (generous).
+_ENTRY_BYTES = 160
 
-    def __init__(self, out_dir: Path, max_shard_size: int) -> None:
+
+class ShardFile:
+    """A safetensors file written as tensors arrive, so no shard is ever held in memory.
+
+    The format puts a JSON header before the data, and the header may be padded with spaces;
+    the data region starts at a reserved offset, and the header is written into the reserved
+    space when the shard is closed. Readers see an ordinary safetensors file.
+    """
+
+    def __init__(self, path: Path, header_reserve: int) -> None:
+        self.path = path
+        self.reserve = -(-header_reserve // 8) * 8  # data starts 8-byte aligned
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.seek(8 + self.reserve)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        # Widest elements first, as safetensors orders them, to keep tensors aligned.
+        for name, tensor in sorted(tensors.items(), key=lambda kv: -kv[1].element_size()):
+            data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))
+            self.entries[name] = {
+                "dtype": _ST_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [self.size, self.size + data.nbytes],
+            }
+            self.size += data.nbytes
+
+    def close(self) -> None:
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
+        )
+        encoded = header.encode()
+        if len(encoded) > self.reserve:
+            raise RuntimeError(f"safetensors header of {len(encoded)} bytes exceeds its reserve")
+        self._file.seek(0)
+        self._file.write(self.reserve.to_bytes(8, "little"))
+        self._file.write(encoded.ljust(self.reserve, b" "))
+        self._file.close()
+        os.chmod(self.path, 0o644)
+
+    def abandon(self) -> None:
+        self._file.close()
+
+
+class CheckpointWriter:
+    """Streams finished tensors into shards of at most `max_shard_size` bytes."""
+
+    def __init__(self, out_dir: Path, max_shard_size: int, input_names: list[str]) -> None:
         self.out_dir = out_dir
         self.tmp_dir = out_dir.parent / f".{out_dir.name}.llmpress-partial"
         self.max_shard_size = max_shard_size
-        self._buffer: dict[str, torch.Tensor] = {}
+        # Each input tensor becomes at most four outputs (packed, scale, shape, zero point).
+        self.header_reserve = 64 + 4 * sum(len(n) + 16 + _ENTRY_BYTES for n in input_names)
+        self._shard: ShardFile | None = None
         self._shards: list[tuple[str, list[str]]] = []
         self.bytes_written = 0
-        # One shard is serialized in the background while the next layers are quantized.
-        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-write")
-        self._saving: Future | None = None
         if self.tmp_dir.exists():  # left by a run that was killed before it could clean up
             shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = tensor_bytes(tensors)
-        if self._buffer and tensor_bytes(self._buffer) + size > self.max_shard_size:
-            self._flush()
-        self._buffer.update(tensors)
-
-    def _flush(self) -> None:
-        self._wait()
-        if not self._buffer:
-            return
-        name = f"part-{len(self._shards) + 1:05d}.safetensors"
-        self.bytes_written += tensor_bytes(self._buffer)
-        self._shards.append((name, list(self._buffer)))
-        self._saving = self._saver.submit(self._save, self._buffer, self.tmp_dir / name)
-        self._buffer = {}
-
-    def _save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if (
+            self._shard is not None
+            and self._shard.size
+            and self._shard.size + size > self.max_shard_size
+        ):
+            self._close_shard()
         with _disk_errors(self.tmp_dir):
-            save_file(tensors, path, metadata={"format": "pt"})
-            # safetensors creates files owner-only; checkpoints are meant to be shared.
-            os.chmod(path, 0o644)
+            if self._shard is None:
+                name = f"part-{len(self._shards) + 1:05d}.safetensors"
+                self._shard = ShardFile(self.tmp_dir / name, self.header_reserve)
+            self._shard.write(tensors)
+        self.bytes_written += size
 
-    def _wait(self) -> None:
-        """Surface the background save's outcome (a full disk raises here)."""
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            saving.result()
+    def _close_shard(self) -> None:
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        with _disk_errors(self.tmp_dir):
+            shard.close()
+        self._shards.append((shard.path.name, list(shard.entries)))
 
     def finish(
         self, config: dict, files: list[Path], extra_files: dict[str, str]
@@ -77,9 +133,7 @@ class CheckpointWriter:
 
         Returns the sha256 of every file written, for the manifest.
         """
-        self._flush()
-        self._wait()
-        self._saver.shutdown()
+        self._close_shard()
         with _disk_errors(self.tmp_dir):
             final_names = self._name_shards()
             for src in files:
@@ -105,7 +159,8 @@ class CheckpointWriter:
         _fsync_dir(self.out_dir.parent)
 
     def abort(self) -> None:
-        self._saver.shutdown(wait=True, cancel_futures=True)
+        if self._shard is not None:
+            self._shard.abandon()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _name_shards(self) -> list[str]:

@@ -103,6 +103,11 @@ def run(
     )
 
 
+# Unquantized tensors larger than this (embeddings, the output head) are copied through in
+# pieces instead of being held whole: they are the largest tensors of most models.
+STREAM_BYTES = 1 << 26
+
+
 def _write_tensors(
     source: ModelSource,
     plan: Plan,
@@ -117,14 +122,26 @@ def _write_tensors(
     """
     weight_of = plan.weight_names
     groups = source.tensors_by_layer()
+    streamed = [
+        len(g) == 1 and g[0] not in weight_of and source.nbytes(g[0]) > STREAM_BYTES for g in groups
+    ]
     bar = tqdm(
         total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress
     )
+
+    def prefetch(i: int):
+        return None if i >= len(groups) or streamed[i] else reader.submit(source.read, groups[i])
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-read") as reader:
-        pending = reader.submit(source.read, groups[0]) if groups else None
+        pending = prefetch(0)
         for i, names in enumerate(groups):
+            if streamed[i]:
+                _copy_through(source, names[0], writer)
+                bar.update(source.nbytes(names[0]))
+                pending = prefetch(i + 1)
+                continue
             tensors = pending.result()
-            pending = reader.submit(source.read, groups[i + 1]) if i + 1 < len(groups) else None
+            pending = prefetch(i + 1)
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
             to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
             for name, tensor in tensors.items():  # quantized weights: checked by the observer
@@ -143,6 +160,17 @@ def _write_tensors(
             del tensors
             bar.update(nbytes)
     bar.close()
+
+
+def _copy_through(source: ModelSource, name: str, writer: CheckpointWriter) -> None:
+    entry = source.tensor_entries[name]
+
+    def checked():
+        for chunk in source.read_chunks(name):
+            check_finite(name, torch.frombuffer(chunk, dtype=entry.dtype))
+            yield chunk
+
+    writer.add_chunks(name, entry.dtype, entry.shape, entry.nbytes, checked())
 
 
 def _raw_config(source: ModelSource) -> dict:

@@ -24,6 +24,7 @@ _STRATEGIES = (
     QuantizationStrategy.GROUP,
     QuantizationStrategy.TENSOR,
 )
+_BLOCK_ELEMENTS = 1 << 22
 _FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized")
 
 
@@ -46,25 +47,34 @@ def fast_compress(
     weight, scale = state["weight"], state["weight_scale"]
     zero_point = None if args.symmetric else state["weight_zero_point"]
 
-    # Shapes as compressed-tensors broadcasts them: groups split the last dim.
-    x = weight
-    if args.strategy == QuantizationStrategy.GROUP:
-        x = weight.unflatten(-1, (-1, args.group_size))
-        scale = scale.unsqueeze(-1)
-        zero_point = zero_point.unsqueeze(-1) if zero_point is not None else None
     q_min, q_max = calculate_range(args, weight.device)
-
-    q = x / scale  # in the weight's dtype, as compressed-tensors divides
-    if zero_point is not None:
-        q += zero_point.to(x.dtype)
-    q.clamp_(q_min.item(), q_max.item())
-    if is_int:
-        q.round_()
-    q = q.reshape(weight.shape).to(torch.int8 if is_int else torch.float8_e4m3fn)
+    # Rows are independent (scales are per row, group or tensor, and packing runs along rows),
+    # so work in row blocks: temporaries stay a few MB instead of several times the weight.
+    rows_per_block = max(1, _BLOCK_ELEMENTS // weight.shape[1])
+    pieces = []
+    for start in range(0, weight.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        x, s, z = weight[rows], scale, zero_point
+        if scale.numel() > 1:
+            s = scale[rows]
+            z = zero_point[rows] if zero_point is not None else None
+        if args.strategy == QuantizationStrategy.GROUP:  # groups split the last dim
+            x = x.unflatten(-1, (-1, args.group_size))
+            s = s.unsqueeze(-1)
+            z = z.unsqueeze(-1) if z is not None else None
+        q = x / s  # in the weight's dtype, as compressed-tensors divides
+        if z is not None:
+            q += z.to(x.dtype)
+        q.clamp_(q_min.item(), q_max.item())
+        if is_int:
+            q.round_()
+        q = q.reshape(-1, weight.shape[1]).to(torch.int8 if is_int else torch.float8_e4m3fn)
+        pieces.append(pack_to_int32(q, args.num_bits) if fmt == "pack-quantized" else q)
+    q = torch.cat(pieces)
 
     out = {k: v for k, v in state.items() if k not in ("weight", "weight_zero_point")}
     if fmt == "pack-quantized":
-        out["weight_packed"] = pack_to_int32(q, args.num_bits)
+        out["weight_packed"] = q
         out["weight_shape"] = torch.tensor(weight.shape)
         if zero_point is not None:
             zp = state["weight_zero_point"]

@@ -23,9 +23,15 @@ def scheme_format(scheme: QuantizationScheme) -> str:
     return infer_module_format(torch.nn.Linear, scheme).value
 
 
+_CHECK_CHUNK = 1 << 22  # elements: isfinite's temporaries stay a few MB for any tensor size
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not tensor.is_floating_point():
+        return
+    chunks = tensor.reshape(-1).split(_CHECK_CHUNK)
+    if not all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
+        bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in chunks)
         raise LlmpressError(
             f"{name} holds {bad} NaN/Inf values; the input model is corrupt or was saved "
             "after a diverged step — fix or re-export it before compressing"

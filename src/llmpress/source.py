@@ -158,6 +158,23 @@ class ModelSource:
             out[name] = tensor.reshape(entry.shape)
         return out
 
+    def read_chunks(self, name: str, chunk_bytes: int = 1 << 26):
+        """A tensor's bytes in pieces, for copying large unquantized tensors without holding them."""
+        file, entry = self.tensor_files[name], self.tensor_entries[name]
+        chunk_bytes -= chunk_bytes % 8  # whole elements in every piece
+        try:
+            with open(file, "rb", buffering=0) as f:
+                f.seek(entry.start)
+                left = entry.nbytes
+                while left:
+                    data = bytearray(min(chunk_bytes, left))
+                    if f.readinto(data) != len(data):
+                        raise OSError("file is shorter than its header says")
+                    left -= len(data)
+                    yield data
+        except OSError as exc:
+            raise LlmpressError(f"cannot read {name!r} from {file}: {exc}") from exc
+
     def passthrough_files(self) -> list[Path]:
         return sorted(
             p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name)

@@ -70,6 +70,18 @@ class ShardFile:
             }
             self.size += data.nbytes
 
+    def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
+        """One tensor from byte pieces (a large unquantized tensor copied through)."""
+        start = self.size
+        for chunk in chunks:
+            self._file.write(chunk)
+            self.size += len(chunk)
+        self.entries[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [start, self.size],
+        }
+
     def close(self) -> None:
         header = json.dumps(
             {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
@@ -105,18 +117,26 @@ class CheckpointWriter:
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = tensor_bytes(tensors)
-        if (
-            self._shard is not None
-            and self._shard.size
-            and self._shard.size + size > self.max_shard_size
-        ):
-            self._close_shard()
         with _disk_errors(self.tmp_dir):
-            if self._shard is None:
-                name = f"part-{len(self._shards) + 1:05d}.safetensors"
-                self._shard = ShardFile(self.tmp_dir / name, self.header_reserve)
-            self._shard.write(tensors)
+            self._shard_with_room(size).write(tensors)
         self.bytes_written += size
+
+    def add_chunks(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int, chunks
+    ) -> None:
+        """One large tensor from byte pieces, never whole in memory."""
+        with _disk_errors(self.tmp_dir):
+            self._shard_with_room(nbytes).write_chunks(name, dtype, shape, chunks)
+        self.bytes_written += nbytes
+
+    def _shard_with_room(self, size: int) -> ShardFile:
+        shard = self._shard
+        if shard is not None and shard.size and shard.size + size > self.max_shard_size:
+            self._close_shard()
+        if self._shard is None:
+            name = f"part-{len(self._shards) + 1:05d}.safetensors"
+            self._shard = ShardFile(self.tmp_dir / name, self.header_reserve)
+        return self._shard
 
     def _close_shard(self) -> None:
         if self._shard is None:

@@ -93,10 +93,61 @@ def test_check_reader_refuses_mismatched_layout(tiny_llama, tmp_path):
     out = compress(tiny_llama, tmp_path / "w3", "W3A16", progress=False).output
     check_reader(out)  # written by the installed 0.17: fine
     with pytest.raises(
-        LlmpressError, match=r"padded layout of compressed-tensors 0\.17\.0.*<0\.18"
+        LlmpressError, match=r"padded layout \(written with compressed-tensors 0\.17\.0\).*<0\.18"
     ):
         check_reader(out, reader_version="0.20.0")
     check_reader(compress(tiny_llama, tmp_path / "w4", "W4A16", progress=False).output, "0.20.0")
+
+
+def _packed(checkpoint: Path) -> torch.Tensor:
+    return load_file(checkpoint / "model.safetensors")["model.layers.0.mlp.down_proj.weight_packed"]
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BITS))
+def test_each_layout_equals_the_compressed_tensors_release_that_defines_it(
+    name, tiny_llama, tmp_path
+):
+    """--packing dense under 0.17 gives 0.20's bytes; --packing padded under 0.20 gives 0.17's."""
+    ours_dense = compress(tiny_llama, tmp_path / "d", name, packing="dense", progress=False).output
+    ours_padded = compress(
+        tiny_llama, tmp_path / "p", name, packing="padded", progress=False
+    ).output
+    for layout, out in (("auto", tmp_path / "ct20"), ("padded", tmp_path / "ct20-padded")):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmpress.cli",
+                "compress",
+                str(tiny_llama),
+                "-o",
+                str(out),
+                "--scheme",
+                name,
+                "--packing",
+                layout,
+                "--quiet",
+            ],
+            env=_env(CT_NEWEST),
+            check=True,
+            capture_output=True,
+        )
+    assert torch.equal(_packed(ours_dense), _packed(tmp_path / "ct20"))
+    assert torch.equal(_packed(ours_padded), _packed(tmp_path / "ct20-padded"))
+    assert not torch.equal(_packed(ours_dense)[:, :8], _packed(ours_padded)[:, :8])
+
+
+def test_dense_written_under_017_is_read_by_020(tiny_llama, tmp_path):
+    out = compress(tiny_llama, tmp_path / "w3", "W3A16", packing="dense", progress=False).output
+    _, weights = read_with(CT_NEWEST, [out], tmp_path / "r.safetensors")
+    reference = load_file(tiny_llama / "model.safetensors")[
+        "model.layers.0.mlp.down_proj.weight"
+    ].float()
+    got = weights["w3/model.layers.0.mlp.down_proj"].float()
+    assert got.shape == reference.shape
+    assert (got - reference).norm() / reference.norm() < 0.3
+    with pytest.raises(LlmpressError, match=r"dense layout.*--packing padded"):
+        check_reader(out)
 
 
 def test_written_with_020_reads_with_020_and_is_refused_under_017(tiny_llama, tmp_path):

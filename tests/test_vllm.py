@@ -71,11 +71,10 @@ MAPPED = {
     "MXFP8A16": "CompressedTensorsW8A8Mxfp8",
     "MXFP8": "CompressedTensorsW8A8Mxfp8",
 }
-# vLLM 0.32 reads odd bit widths densely packed (ceil(in * bits / 32) int32 per row);
-# compressed-tensors 0.17, which it pins, writes 32 // bits values per int32.
-ODD_BITS = pytest.mark.xfail(
-    strict=True, reason="vLLM 0.32 expects dense odd-bit packing; compressed-tensors 0.17 pads"
-)
+# vLLM 0.32 reads odd bit widths densely packed (ceil(in * bits / 32) int32 per row), while
+# compressed-tensors 0.17, which it pins, pads 32 // bits values into each int32: for vLLM
+# those checkpoints are written with --packing dense.
+ODD_BITS = {"W3A16", "W5A16", "W6A16", "W7A16"}
 
 
 def run_check(*args: str) -> Any:
@@ -178,25 +177,35 @@ def mapped(tiny_llama, tmp_path_factory) -> dict[str, dict[str, str]]:
     """
     root = tmp_path_factory.mktemp("mapped")
     paths = {
-        str(compress(tiny_llama, root / name, name, progress=False).output): name for name in MAPPED
+        str(
+            compress(tiny_llama, root / name, name, packing=_packing(name), progress=False).output
+        ): name
+        for name in MAPPED
     }
     result = run_check("schemes", *paths, "--capability", "9.0")
     return {paths[path]: layers for path, layers in result.items()}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=ODD_BITS) if n in {"W3A16", "W5A16", "W6A16", "W7A16"} else n
-        for n in MAPPED
-    ],
-)
+def _packing(name: str) -> str:
+    return "dense" if name in ODD_BITS else "auto"
+
+
+@pytest.mark.parametrize("name", list(MAPPED))
 def test_vllm_maps_every_layer(name, mapped):
     """Each quantized Linear gets vLLM's scheme for the preset, and its stored tensors match
     the parameters that scheme creates (names, and shapes after vLLM's q/k/v, gate/up fusion)."""
     layers = mapped[name]
     assert len(layers) == 8  # 2 decoder layers x (qkv, o, gate_up, down)
     assert set(layers.values()) == {MAPPED[name]}, layers
+
+
+def test_vllm_rejects_padded_odd_bits(tiny_llama, tmp_path):
+    """Why --packing dense exists: the layout compressed-tensors 0.17 writes does not load."""
+    checkpoint = compress(
+        tiny_llama, tmp_path / "w3", "W3A16", packing="padded", progress=False
+    ).output
+    (layers,) = run_check("schemes", str(checkpoint), "--capability", "9.0").values()
+    assert all("vLLM expects" in v for v in layers.values()), layers
 
 
 def test_vllm_check_rejects_unpacked_w4afp8(tiny_llama, tmp_path, monkeypatch):

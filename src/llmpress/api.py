@@ -49,6 +49,7 @@ def compress(
     device: str = "cpu",
     force: bool = False,
     max_shard_size: int = 2 * 1024**3,
+    packing: str = "auto",
     progress: bool = True,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
@@ -65,6 +66,7 @@ def compress(
             group_size=group_size,
             device=device,
             max_shard_size=max_shard_size,
+            packing=packing,
             **{k: tuple(v) for k, v in fields.items() if v is not None},
         )
     except ValidationError as exc:
@@ -90,7 +92,7 @@ def run(
     try:
         _write_tensors(source, plan, options, writer, progress)
         config = _raw_config(source)
-        config["quantization_config"] = quantization_config(plan)
+        config["quantization_config"] = quantization_config(plan, options.layout)
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
         hashes = writer.finish(config, source.passthrough_files(), extra)
         writer.commit(_manifest(source, plan, options, hashes), force)
@@ -148,7 +150,12 @@ def _write_tensors(
                 check_finite(name, tensor)
             if to_quantize:
                 packed = compress_layer(
-                    to_quantize, plan.scheme, plan.fused, options.observer, options.device
+                    to_quantize,
+                    plan.scheme,
+                    plan.fused,
+                    options.observer,
+                    options.device,
+                    options.layout,
                 )
                 tensors.update(
                     (f"{module}.{k}", v)

@@ -16,6 +16,7 @@ import yaml
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
 from llmpress.errors import LlmpressError
+from llmpress.packing import layouts_differ
 from llmpress.plan import CompressOptions, Plan
 from llmpress.quantize import scheme_format
 
@@ -34,8 +35,12 @@ def packing_layout(ct_version: str) -> str:
     return "dense" if _version_tuple(ct_version) >= DENSE_PACKING_SINCE else "padded"
 
 
-def quantization_config(plan: Plan) -> dict:
-    """`config.json`'s `quantization_config`, as compressed-tensors itself writes it."""
+def quantization_config(plan: Plan, layout: str) -> dict:
+    """`config.json`'s `quantization_config`, as compressed-tensors itself writes it.
+
+    For 3, 5, 6 and 7-bit weights, `int_packing` records the layout written (readers that
+    predate it ignore unknown keys), since the compressed-tensors version alone cannot say.
+    """
     scheme = plan.scheme.model_copy(deep=True)
     scheme.format = scheme_format(scheme)
     qconfig = QuantizationConfig(
@@ -45,6 +50,8 @@ def quantization_config(plan: Plan) -> dict:
         ignore=list(plan.ignored),
     )
     data = qconfig.model_dump(mode="json", exclude={"quant_method"})
+    if scheme.weights.type == "int" and layouts_differ(scheme.weights.num_bits):
+        data["int_packing"] = layout
     return {
         # compressed-tensors records its own version here; the packing layout follows from it.
         "version": compressed_tensors.__version__,
@@ -89,6 +96,7 @@ def check_reader(checkpoint: Path, reader_version: str | None = None) -> None:
     qconfig = read_quantization_config(checkpoint)
     reader_version = reader_version or compressed_tensors.__version__
     written = qconfig.get("version") or "0.0"
+    layout = written_layout(qconfig)
     odd = sorted(
         {
             group["weights"]["num_bits"]
@@ -98,14 +106,18 @@ def check_reader(checkpoint: Path, reader_version: str | None = None) -> None:
             and group.get("format", qconfig.get("format")) == "pack-quantized"
         }
     )
-    if odd and packing_layout(written) != packing_layout(reader_version):
+    if odd and layout != packing_layout(reader_version):
         raise LlmpressError(
-            f"{checkpoint.name} packs {odd[0]}-bit weights in the {packing_layout(written)} layout "
-            f"of compressed-tensors {written}, but compressed-tensors {reader_version} reads the "
+            f"{checkpoint.name} packs {odd[0]}-bit weights in the {layout} layout (written with "
+            f"compressed-tensors {written}), but compressed-tensors {reader_version} reads the "
             f"{packing_layout(reader_version)} layout; install compressed-tensors "
-            f"{'>=0.18' if packing_layout(written) == 'dense' else '<0.18'} to read it, or "
-            "re-compress with the compressed-tensors you serve with"
+            f"{'>=0.18' if layout == 'dense' else '<0.18'} to read it, or re-compress with "
+            f"--packing {packing_layout(reader_version)}"
         )
+
+
+def written_layout(qconfig: dict) -> str:
+    return qconfig.get("int_packing") or packing_layout(qconfig.get("version") or "0.0")
 
 
 def summarize(checkpoint: Path) -> dict:
@@ -152,7 +164,7 @@ def summarize(checkpoint: Path) -> dict:
         "checkpoint": str(checkpoint),
         "format": qconfig.get("format"),
         "compressed_tensors_version": qconfig.get("version"),
-        "packing_layout": packing_layout(qconfig.get("version") or "0.0"),
+        "packing_layout": written_layout(qconfig),
         "groups": groups,
         "ignore": qconfig.get("ignore", []),
         "quantized_layers": sum(sum(c.values()) for c in layers.values()),

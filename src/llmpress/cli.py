@@ -60,6 +60,14 @@ def main() -> None:
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
+@click.option(
+    "--packing",
+    type=click.Choice(["auto", "dense", "padded"]),
+    default="auto",
+    show_default=True,
+    help="3/5/6/7-bit layout: dense for vLLM and compressed-tensors>=0.18, padded for <=0.17; "
+    "auto follows the installed compressed-tensors.",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def compress(
@@ -72,6 +80,7 @@ def compress(
     group_size,
     device,
     max_shard_size,
+    packing,
     force,
     quiet,
 ):
@@ -89,6 +98,7 @@ def compress(
         device=device,
         force=force,
         max_shard_size=_size(max_shard_size),
+        packing=packing,
         progress=not quiet,
     )
     click.echo(

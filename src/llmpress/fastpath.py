@@ -11,13 +11,14 @@ other case returns None and the caller uses the compressor itself.
 from __future__ import annotations
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import (
     QuantizationScheme,
     QuantizationStrategy,
     QuantizationType,
 )
 from compressed_tensors.quantization.utils import calculate_range
+
+from llmpress.packing import Layout, pack
 
 _STRATEGIES = (
     QuantizationStrategy.CHANNEL,
@@ -29,7 +30,7 @@ _FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantiz
 
 
 def fast_compress(
-    state: dict[str, torch.Tensor], scheme: QuantizationScheme, fmt: str
+    state: dict[str, torch.Tensor], scheme: QuantizationScheme, fmt: str, layout: Layout
 ) -> dict[str, torch.Tensor] | None:
     args = scheme.weights
     is_int = args.type == QuantizationType.INT
@@ -69,7 +70,7 @@ def fast_compress(
         if is_int:
             q.round_()
         q = q.reshape(-1, weight.shape[1]).to(torch.int8 if is_int else torch.float8_e4m3fn)
-        pieces.append(pack_to_int32(q, args.num_bits) if fmt == "pack-quantized" else q)
+        pieces.append(pack(q, args.num_bits, layout) if fmt == "pack-quantized" else q)
     q = torch.cat(pieces)
 
     out = {k: v for k, v in state.items() if k not in ("weight", "weight_zero_point")}
@@ -78,7 +79,7 @@ def fast_compress(
         out["weight_shape"] = torch.tensor(weight.shape)
         if zero_point is not None:
             zp = state["weight_zero_point"]
-            out["weight_zero_point"] = pack_to_int32(zp, args.num_bits, packed_dim=0).contiguous()
+            out["weight_zero_point"] = pack(zp, args.num_bits, layout, packed_dim=0).contiguous()
     else:
         out["weight"] = q
         if zero_point is not None:

@@ -18,6 +18,7 @@ from compressed_tensors.utils import is_match
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmpress.errors import LlmpressError
+from llmpress.packing import installed_layout
 from llmpress.schemes import build_scheme
 from llmpress.source import ModelSource
 
@@ -42,6 +43,13 @@ class CompressOptions(BaseModel):
     group_size: int | None = Field(default=None, gt=0)
     device: str = "cpu"
     max_shard_size: int = Field(default=2 * 1024**3, gt=0)
+    # Sub-byte layout for 3/5/6/7-bit weights: "auto" is what the installed compressed-tensors
+    # reads; "dense" is what vLLM and compressed-tensors >= 0.18 read; "padded" is <= 0.17's.
+    packing: Literal["auto", "padded", "dense"] = "auto"
+
+    @property
+    def layout(self) -> str:
+        return installed_layout() if self.packing == "auto" else self.packing
 
     @field_validator("targets")
     @classmethod

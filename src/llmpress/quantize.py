@@ -14,6 +14,7 @@ from compressed_tensors.quantization import QuantizationScheme, QuantizationStra
 from llmpress.errors import LlmpressError
 from llmpress.fastpath import fast_compress
 from llmpress.observers import NonFiniteWeight, global_scale, weight_qparams
+from llmpress.packing import Layout, installed_layout, layouts_differ
 
 
 def scheme_format(scheme: QuantizationScheme) -> str:
@@ -52,6 +53,7 @@ def compress_layer(
     fused: dict[str, tuple[str, ...]],
     observer: str = "minmax",
     device: str = "cpu",
+    layout: Layout = "padded",
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Compress the weights of several modules of one layer; keys are module names.
 
@@ -80,6 +82,17 @@ def compress_layer(
         state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
         if gscale is not None:
             state["weight_global_scale"] = gscale.clone()  # one tensor per module on disk
-        packed = fast_compress(state, scheme, fmt) or compressor.compress(state, scheme)
+        packed = fast_compress(state, scheme, fmt, layout)
+        if packed is None:
+            if (
+                fmt == "pack-quantized"
+                and layout != installed_layout()
+                and layouts_differ(args.num_bits)
+            ):
+                raise LlmpressError(
+                    f"{args.num_bits}-bit weights in the {layout} layout need the plain "
+                    "int path; drop --packing or change compressed-tensors"
+                )
+            packed = compressor.compress(state, scheme)
         out[name] = {k: v.detach().to("cpu").contiguous() for k, v in packed.items()}
     return out

@@ -99,6 +99,17 @@ def test_check_reader_refuses_mismatched_layout(tiny_llama, tmp_path):
     check_reader(compress(tiny_llama, tmp_path / "w4", "W4A16", progress=False).output, "0.20.0")
 
 
+def compress_under_020(model: Path, out: Path, scheme: str, *options: str) -> None:
+    """Run llmpress itself with compressed-tensors 0.20 importable instead of 0.17."""
+    command = ["compress", str(model), "-o", str(out), "--scheme", scheme, "--quiet", *options]
+    subprocess.run(
+        [sys.executable, "-m", "llmpress.cli", *command],
+        env=_env(CT_NEWEST),
+        check=True,
+        capture_output=True,
+    )
+
+
 def _packed(checkpoint: Path) -> torch.Tensor:
     return load_file(checkpoint / "model.safetensors")["model.layers.0.mlp.down_proj.weight_packed"]
 
@@ -113,25 +124,7 @@ def test_each_layout_equals_the_compressed_tensors_release_that_defines_it(
         tiny_llama, tmp_path / "p", name, packing="padded", progress=False
     ).output
     for layout, out in (("auto", tmp_path / "ct20"), ("padded", tmp_path / "ct20-padded")):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "llmpress.cli",
-                "compress",
-                str(tiny_llama),
-                "-o",
-                str(out),
-                "--scheme",
-                name,
-                "--packing",
-                layout,
-                "--quiet",
-            ],
-            env=_env(CT_NEWEST),
-            check=True,
-            capture_output=True,
-        )
+        compress_under_020(tiny_llama, out, name, "--packing", layout)
     assert torch.equal(_packed(ours_dense), _packed(tmp_path / "ct20"))
     assert torch.equal(_packed(ours_padded), _packed(tmp_path / "ct20-padded"))
     assert not torch.equal(_packed(ours_dense)[:, :8], _packed(ours_padded)[:, :8])
@@ -153,23 +146,7 @@ def test_dense_written_under_017_is_read_by_020(tiny_llama, tmp_path):
 def test_written_with_020_reads_with_020_and_is_refused_under_017(tiny_llama, tmp_path):
     """Under compressed-tensors 0.20, llmpress writes the dense layout and records 0.20.0."""
     out = tmp_path / "w3-dense"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llmpress.cli",
-            "compress",
-            str(tiny_llama),
-            "-o",
-            str(out),
-            "--scheme",
-            "W3A16",
-            "--quiet",
-        ],
-        env=_env(CT_NEWEST),
-        check=True,
-        capture_output=True,
-    )
+    compress_under_020(tiny_llama, out, "W3A16")
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["version"] == "0.20.0"
     report, weights = read_with(CT_NEWEST, [out], tmp_path / "r.safetensors")

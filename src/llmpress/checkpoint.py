@@ -16,23 +16,9 @@ import yaml
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
 from llmpress.errors import LlmpressError
-from llmpress.packing import layouts_differ
+from llmpress.packing import layout_of, layouts_differ
 from llmpress.plan import CompressOptions, Plan
 from llmpress.quantize import scheme_format
-
-# Packing of sub-byte ints changed in compressed-tensors 0.18: before it, each int32 holds
-# 32 // bits values (padded); from 0.18 on, values are packed densely across words. The two
-# agree for 1, 2, 4 and 8 bits and disagree for 3, 5, 6 and 7.
-DENSE_PACKING_SINCE = (0, 18)
-
-
-def _version_tuple(version: str) -> tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
-
-
-def packing_layout(ct_version: str) -> str:
-    return "dense" if _version_tuple(ct_version) >= DENSE_PACKING_SINCE else "padded"
 
 
 def quantization_config(plan: Plan, layout: str) -> dict:
@@ -106,18 +92,18 @@ def check_reader(checkpoint: Path, reader_version: str | None = None) -> None:
             and group.get("format", qconfig.get("format")) == "pack-quantized"
         }
     )
-    if odd and layout != packing_layout(reader_version):
+    if odd and layout != layout_of(reader_version):
         raise LlmpressError(
             f"{checkpoint.name} packs {odd[0]}-bit weights in the {layout} layout (written with "
             f"compressed-tensors {written}), but compressed-tensors {reader_version} reads the "
-            f"{packing_layout(reader_version)} layout; install compressed-tensors "
+            f"{layout_of(reader_version)} layout; install compressed-tensors "
             f"{'>=0.18' if layout == 'dense' else '<0.18'} to read it, or re-compress with "
-            f"--packing {packing_layout(reader_version)}"
+            f"--packing {layout_of(reader_version)}"
         )
 
 
 def written_layout(qconfig: dict) -> str:
-    return qconfig.get("int_packing") or packing_layout(qconfig.get("version") or "0.0")
+    return qconfig.get("int_packing") or layout_of(qconfig.get("version") or "0.0")
 
 
 def summarize(checkpoint: Path) -> dict:

@@ -11,6 +11,7 @@ against the compressed-tensors release that defines them (tests/test_readers.py)
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 import compressed_tensors
@@ -20,9 +21,14 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 Layout = Literal["padded", "dense"]
 
 
+def layout_of(ct_version: str) -> Layout:
+    """The layout a compressed-tensors release packs and reads."""
+    major, minor = re.match(r"(\d+)\.(\d+)", ct_version).groups()
+    return "dense" if (int(major), int(minor)) >= (0, 18) else "padded"
+
+
 def installed_layout() -> Layout:
-    major, minor = (int(p) for p in compressed_tensors.__version__.split(".")[:2])
-    return "dense" if (major, minor) >= (0, 18) else "padded"
+    return layout_of(compressed_tensors.__version__)
 
 
 def layouts_differ(num_bits: int) -> bool:

@@ -109,7 +109,4 @@ def weight_qparams(
     """Scale and zero point for `weight`, shaped as compressed-tensors stores them."""
     if observer not in OBSERVERS:
         raise LlmpressError(f"unknown observer {observer!r}; choose {' or '.join(OBSERVERS)}")
-    scale, zp = OBSERVERS[observer](weight, args, gscale)
-    if args.strategy == QuantizationStrategy.CHANNEL:
-        scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
-    return scale, zp
+    return OBSERVERS[observer](weight, args, gscale)

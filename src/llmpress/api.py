@@ -94,8 +94,8 @@ def run(
         config = _raw_config(source)
         config["quantization_config"] = quantization_config(plan, options.layout)
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
-        hashes = writer.finish(config, source.passthrough_files(), extra)
-        writer.commit(_manifest(source, plan, options, hashes), force)
+        shards = writer.finish(config, source.passthrough_files(), extra)
+        writer.commit(_manifest(source, plan, options, shards), force)
     except BaseException:
         writer.abort()
         raise
@@ -217,7 +217,7 @@ def _check_space(output: Path, need: int) -> None:
         )
 
 
-def _manifest(source: ModelSource, plan: Plan, options: CompressOptions, hashes: dict) -> dict:
+def _manifest(source: ModelSource, plan: Plan, options: CompressOptions, shards: dict) -> dict:
     import compressed_tensors
     import transformers
 
@@ -234,5 +234,5 @@ def _manifest(source: ModelSource, plan: Plan, options: CompressOptions, hashes:
         "options": options.model_dump(mode="json"),
         "quantized_modules": len(plan.modules),
         "ignored_modules": list(plan.ignored),
-        "files_sha256": hashes,
+        "shard_bytes": shards,
     }

@@ -52,7 +52,7 @@ def fast_compress(
     # Rows are independent (scales are per row, group or tensor, and packing runs along rows),
     # so work in row blocks: temporaries stay a few MB instead of several times the weight.
     rows_per_block = max(1, _BLOCK_ELEMENTS // weight.shape[1])
-    pieces = []
+    q = None  # allocated from the first block's result: packed width is known only then
     for start in range(0, weight.shape[0], rows_per_block):
         rows = slice(start, start + rows_per_block)
         x, s, z = weight[rows], scale, zero_point
@@ -63,15 +63,18 @@ def fast_compress(
             x = x.unflatten(-1, (-1, args.group_size))
             s = s.unsqueeze(-1)
             z = z.unsqueeze(-1) if z is not None else None
-        q = x / s  # in the weight's dtype, as compressed-tensors divides
+        block = x / s  # in the weight's dtype, as compressed-tensors divides
         if z is not None:
-            q += z.to(x.dtype)
-        q.clamp_(q_min.item(), q_max.item())
+            block += z.to(x.dtype)
+        block.clamp_(q_min.item(), q_max.item())
         if is_int:
-            q.round_()
-        q = q.reshape(-1, weight.shape[1]).to(torch.int8 if is_int else torch.float8_e4m3fn)
-        pieces.append(pack(q, args.num_bits, layout) if fmt == "pack-quantized" else q)
-    q = torch.cat(pieces)
+            block.round_()
+        block = block.reshape(-1, weight.shape[1]).to(torch.int8 if is_int else torch.float8_e4m3fn)
+        if fmt == "pack-quantized":
+            block = pack(block, args.num_bits, layout)
+        if q is None:
+            q = torch.empty((weight.shape[0], block.shape[1]), dtype=block.dtype)
+        q[rows] = block
 
     out = {k: v for k, v in state.items() if k not in ("weight", "weight_zero_point")}
     if fmt == "pack-quantized":

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,21 +57,38 @@ class ShardFile:
         self.size = 0
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._file.seek(8 + self.reserve)
+        # Writes run in a background thread (the GIL is released while the kernel copies),
+        # overlapping the next layer's quantization; one batch in flight at a time.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-write")
+        self._pending: Future | None = None
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a full disk raises here, inside the caller's error handling
+
+    def _write_all(self, buffers: list) -> None:
+        for data in buffers:
+            self._file.write(data)
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         # Widest elements first, as safetensors orders them, to keep tensors aligned.
+        self._drain()
+        buffers = []
         for name, tensor in sorted(tensors.items(), key=lambda kv: -kv[1].element_size()):
             data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-            self._file.write(memoryview(data))
+            buffers.append(memoryview(data))
             self.entries[name] = {
                 "dtype": _ST_DTYPES[tensor.dtype],
                 "shape": list(tensor.shape),
                 "data_offsets": [self.size, self.size + data.nbytes],
             }
             self.size += data.nbytes
+        self._pending = self._writer.submit(self._write_all, buffers)
 
     def write_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks) -> None:
         """One tensor from byte pieces (a large unquantized tensor copied through)."""
+        self._drain()
         start = self.size
         for chunk in chunks:
             self._file.write(chunk)
@@ -82,19 +100,23 @@ class ShardFile:
         }
 
     def close(self) -> None:
-        header = json.dumps(
-            {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
-        )
-        encoded = header.encode()
-        if len(encoded) > self.reserve:
-            raise RuntimeError(f"safetensors header of {len(encoded)} bytes exceeds its reserve")
-        self._file.seek(0)
-        self._file.write(self.reserve.to_bytes(8, "little"))
-        self._file.write(encoded.ljust(self.reserve, b" "))
-        self._file.close()
+        try:
+            self._drain()
+            header = json.dumps(
+                {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
+            )
+            encoded = header.encode()
+            if len(encoded) > self.reserve:
+                raise RuntimeError(f"safetensors header of {len(encoded)} bytes exceeds reserve")
+            self._file.seek(0)
+            self._file.write(self.reserve.to_bytes(8, "little"))
+            self._file.write(encoded.ljust(self.reserve, b" "))
+        finally:  # on failure too: an open handle would keep a deleted file's space in use
+            self.abandon()
         os.chmod(self.path, 0o644)
 
     def abandon(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)
         self._file.close()
 
 

@@ -19,6 +19,7 @@ from llmpress.errors import LlmpressError
 from llmpress.packing import layout_of, layouts_differ
 from llmpress.plan import CompressOptions, Plan
 from llmpress.quantize import scheme_format
+from llmpress.source import SAFETENSORS_DTYPES
 
 
 def quantization_config(plan: Plan, layout: str) -> dict:
@@ -177,24 +178,11 @@ def _kind(module: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", module)
 
 
-_BYTES = {
-    "F64": 8,
-    "I64": 8,
-    "F32": 4,
-    "I32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I8": 1,
-    "U8": 1,
-    "F8_E4M3": 1,
-}
-
-
 def _nbytes(dtype: str, shape: list[int]) -> int:
     count = 1
     for dim in shape:
         count *= dim
-    return count * _BYTES.get(dtype, 2)
+    return count * SAFETENSORS_DTYPES[dtype].itemsize
 
 
 def _stored_weight(found: dict[str, tuple[str, list[int]]]) -> tuple[str, int] | None:

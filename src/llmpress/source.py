@@ -24,8 +24,9 @@ PASSTHROUGH_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
     r"|.*\.model|chat_template\.(jinja|json)|generation_config\.json|preprocessor_config\.json)$"
 )
-# safetensors dtype names -> torch dtypes (the format's spec lists these).
-_DTYPES = {
+# safetensors dtype names -> torch dtypes (the format's spec lists these); the writer and
+# `inspect` use the same table.
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -209,10 +210,10 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
+        if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
         entries[name] = TensorEntry(
-            _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin
+            SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, end - begin
         )
     return entries
 

@@ -17,27 +17,15 @@ from pathlib import Path
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.source import SAFETENSORS_DTYPES
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-# torch dtypes -> safetensors dtype names (the format's spec).
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+# torch dtypes -> safetensors dtype names: the reader's table, inverted.
+_ST_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Bytes of header per tensor beyond its name: dtype, shape and offsets (generous).
 _ENTRY_BYTES = 160
 

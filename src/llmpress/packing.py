@@ -36,9 +36,14 @@ def layouts_differ(num_bits: int) -> bool:
     return 32 % num_bits != 0
 
 
+def byte_packable(num_bits: int, cols: int = 0) -> bool:
+    """Whether rows of `cols` values pack byte-wise with no padding (see `_pack_bytes`)."""
+    return num_bits in (2, 4, 8) and sys.byteorder == "little" and cols % (32 // num_bits) == 0
+
+
 def pack(values: torch.Tensor, num_bits: int, layout: Layout, packed_dim: int = 1) -> torch.Tensor:
     """int8 values -> int32 words in `layout` (compressed-tensors' own packer where it applies)."""
-    if num_bits in (2, 4, 8) and packed_dim == 1 and sys.byteorder == "little":
+    if packed_dim == 1 and byte_packable(num_bits):
         return _pack_bytes(values, num_bits)
     if layout == installed_layout() or not layouts_differ(num_bits):
         return pack_to_int32(values, num_bits, packed_dim=packed_dim)
@@ -52,16 +57,38 @@ def pack(values: torch.Tensor, num_bits: int, layout: Layout, packed_dim: int = 
 
 def _pack_bytes(values: torch.Tensor, num_bits: int) -> torch.Tensor:
     """2, 4 and 8 bits fill whole bytes, and on a little-endian host the bytes of an int32
-    word are its values in order: combine values into bytes and reinterpret, two uint8 passes
-    instead of an int32 shift-and-sum over every value (both layouts agree at these widths)."""
-    rows, cols = values.shape
-    per_byte = 8 // num_bits
+    word are its values in order, so packing is combining values into bytes (both layouts
+    agree at these widths)."""
+    cols = values.shape[1]
     unsigned = (values + (1 << (num_bits - 1))).view(torch.uint8)
-    unsigned = torch.nn.functional.pad(unsigned, (0, -cols % (4 * per_byte)))
-    packed = unsigned[:, 0::per_byte].clone()
+    pad = -cols % (32 // num_bits)
+    if pad:
+        unsigned = torch.nn.functional.pad(unsigned, (0, pad))
+    out = torch.empty(values.shape[0], unsigned.shape[1] * num_bits // 8, dtype=torch.uint8)
+    return pack_unsigned_bytes(unsigned, num_bits, out).view(torch.int32)
+
+
+_WIDE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def pack_unsigned_bytes(unsigned: torch.Tensor, num_bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Offset (unsigned) 2/4/8-bit values, one per byte, into `out` (uint8, cols * bits / 8).
+
+    The values of one output byte are read as one wider little-endian integer, in which value i
+    sits at bit 8 * i; shifting it right by i * (8 - bits) and OR-ing puts value i at bit
+    i * bits, and the low byte is the packed byte. Contiguous passes over the wide integers
+    instead of strided byte slices.
+    """
+    per_byte = 8 // num_bits
+    if per_byte == 1:
+        return out.copy_(unsigned)
+    wide = unsigned.view(_WIDE[per_byte])
+    acc = wide.clone()
+    shifted = torch.empty_like(wide)
     for i in range(1, per_byte):
-        packed |= unsigned[:, i::per_byte] << (i * num_bits)
-    return packed.view(torch.int32)
+        torch.bitwise_right_shift(wide, i * (8 - num_bits), out=shifted)
+        acc.bitwise_or_(shifted)
+    return out.copy_(acc)  # the cast keeps the low byte of each wide integer
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:

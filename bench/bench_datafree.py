@@ -1,8 +1,10 @@
 """Data-free quantization, side by side: llmpress vs llm-compressor vs a plain copy.
 
 Every tool runs as its own subprocess, so wall time and peak RSS cover the whole job
-(imports, load, quantize, save), as a user would see it. llm-compressor runs from
-.venv-anchor (bench/setup_anchor.sh) so its pins never touch llmpress' .venv.
+(imports, load, quantize, save), as a user would see it. Each tool runs from an environment
+holding only its runtime dependencies (bench/setup_envs.sh): llm-compressor from .venv-anchor,
+llmpress from .venv-bench (the dev .venv carries lm-eval's scikit-learn and scipy, which
+transformers imports eagerly).
 
     .venv/bin/python bench/bench_datafree.py --models smollm2,llama1b --repeat 1
 
@@ -32,7 +34,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR_PY = ROOT / ".venv-anchor" / "bin" / "python"
-LLMPRESS = ROOT / ".venv" / "bin" / "llmpress"
+LLMPRESS = ROOT / ".venv-bench" / "bin" / "llmpress"
 BENCH_CACHE = ROOT / ".cache" / "bench"
 RESULTS_DIR = ROOT / "bench" / "results"
 SMOLLM2 = ROOT / ".cache" / "fixtures" / "smollm2-135m"

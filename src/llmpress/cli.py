@@ -85,7 +85,10 @@ def compress(
     quiet,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
-    from llmpress.api import compress as run
+    from llmpress.lazy_compile import deferred_torch_compile
+
+    with deferred_torch_compile():
+        from llmpress.api import compress as run
 
     result = run(
         model,
@@ -147,6 +150,162 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
         f"  size on disk {info['size_bytes'] / 1e6:.1f} MB; 16-bit equivalent "
         f"{info['bf16_equivalent_bytes'] / 1e6:.1f} MB; ratio {info['compression_ratio']:.2f}x"
     )
+
+
+@main.command("eval")
+@click.argument("checkpoint")
+@click.option(
+    "--base",
+    default=None,
+    help="The model CHECKPOINT was compressed from: adds KL, "
+    "top-1 agreement and the compression ratio.",
+)
+@click.option(
+    "--dataset",
+    default="pydoc",
+    show_default=True,
+    help="Held-out text: `pydoc` (built in) or a .txt/.jsonl/.json/.csv/.parquet file.",
+)
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=16, show_default=True, help="Windows to score.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="auto (the checkpoint's own), bfloat16, float16 or float32.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA where present), cpu or cuda."
+)
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the figures as JSON to this file (- for stdout).",
+)
+@click.option("--serve", is_flag=True, help="Also time vLLM serving it (and the base).")
+@click.option("--tasks", default=None, help="lm-eval tasks, comma-separated (needs lm-eval).")
+@click.option("--task-limit", type=int, default=None, help="At most this many documents per task.")
+@click.option(
+    "--task-path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of extra lm-eval task YAMLs (e.g. tasks on local data).",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(
+    checkpoint,
+    base,
+    dataset,
+    seq_len,
+    windows,
+    dtype,
+    device,
+    json_file,
+    serve,
+    tasks,
+    task_limit,
+    task_path,
+    quiet,
+):
+    """Perplexity of CHECKPOINT on held-out text; KL and agreement against --base."""
+    from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint, format_report
+
+    report = evaluate_checkpoint(
+        checkpoint,
+        base=base,
+        dataset=dataset,
+        seq_len=seq_len,
+        windows=windows,
+        dtype=dtype,
+        device=device,
+        progress=not quiet,
+        serve=serve,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+        task_limit=task_limit,
+        task_include_path=task_path,
+    )
+    figures = json.dumps(report.to_json(), indent=2)
+    if json_file is not None and str(json_file) == "-":
+        click.echo(figures)
+        return
+    click.echo(format_report(report))
+    if json_file is not None:
+        _write_atomically(json_file, figures + "\n")
+
+
+@main.command()
+@click.argument("base")
+@click.option(
+    "--schemes",
+    required=True,
+    help="Comma-separated variants: SCHEME or SCHEME:ALGORITHM, e.g. W4A16,FP8_DYNAMIC,W8A8.",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Report directory."
+)
+@click.option("--dataset", default="pydoc", show_default=True, help="Held-out text, as for eval.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=16, show_default=True, help="Windows to score.")
+@click.option(
+    "--group-size", type=int, default=None, help="Weight group size for the int group schemes."
+)
+@click.option(
+    "--serve/--no-serve",
+    default=None,
+    help="Measure vLLM serving speed. Default: where vLLM is installed.",
+)
+@click.option("--dtype", default="auto", show_default=True, help="Evaluation dtype, as for eval.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--discard-checkpoints", is_flag=True, help="Delete the compressed checkpoints at the end."
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def compare(
+    base,
+    schemes,
+    output,
+    dataset,
+    seq_len,
+    windows,
+    group_size,
+    serve,
+    dtype,
+    device,
+    discard_checkpoints,
+    force,
+    quiet,
+):
+    """Compress BASE with each of --schemes, evaluate each against it, write a report."""
+    from llmpress.evaluate.compare import run_compare
+    from llmpress.evaluate.report import table_rows
+
+    results = run_compare(
+        base,
+        schemes,
+        output,
+        dataset=dataset,
+        seq_len=seq_len,
+        windows=windows,
+        group_size=group_size,
+        serve=serve,
+        dtype=dtype,
+        device=device,
+        keep_checkpoints=not discard_checkpoints,
+        force=force,
+        progress=not quiet,
+    )
+    for row in table_rows(results):
+        click.echo("  ".join(cell for cell in row[:6] if cell))
+    click.echo(f"report: {output / 'report.md'}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.llmpress-partial")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run() -> None:

@@ -74,3 +74,13 @@ def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").is_file():
         pytest.fail(f"SmolLM2 fixture missing at {SMOLLM2}: run `bash scripts/install.sh`")
     return SMOLLM2
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while a module runs vLLM beside torch work: on the 2-core runner two
+    threads contend with vLLM's and run 5-10x slower (compress included)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ share the machine), only to each other where the ratio is far from any noise.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,12 +18,9 @@ import torch
 
 from llmpress import compress
 from llmpress.evaluate import serving
-from llmpress.evaluate.serving import ServingResult, measure_serving, vllm_unavailable_reason
+from llmpress.evaluate.serving import ServingResult, measure_serving
 
-pytestmark = [pytest.mark.vllm]
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vLLM not installed"
-)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.vllm]
 
 PROMPTS = [
     "The capital of France is",
@@ -33,15 +29,6 @@ PROMPTS = [
     "The best way to learn a new language is",
 ]
 OUTPUT_TOKENS = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on the 2-core runner run 5-10x slower than one (compress included)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +46,6 @@ def assert_not_served(result: ServingResult) -> None:
     assert (result.ttft_ms, result.tpot_ms, result.throughput_tok_s) == (None, None, None)
 
 
-@needs_vllm
 @pytest.mark.parametrize("name", ["BASE", "W4A16"])
 def test_served_checkpoint_has_finite_positive_figures(name, checkpoints):
     """vLLM's CPU build serves the base and W4A16: three positive figures, no reason."""
@@ -76,7 +62,6 @@ def test_served_checkpoint_has_finite_positive_figures(name, checkpoints):
     assert json.loads(json.dumps(result.to_json())) == result.to_json()
 
 
-@needs_vllm
 def test_scheme_without_kernel_is_not_served_with_vllms_reason(smollm2, tmp_path):
     """NVFP4 has no CPU kernel: a one-line reason from vLLM's error, no exception.
 
@@ -98,7 +83,6 @@ def test_scheme_without_kernel_is_not_served_with_vllms_reason(smollm2, tmp_path
     assert result.vllm_version
 
 
-@needs_vllm
 def test_directory_without_model_is_not_served(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     result = measure_serving(tmp_path, PROMPTS[:1], output_tokens=2)
@@ -106,23 +90,10 @@ def test_directory_without_model_is_not_served(tmp_path):
     assert str(tmp_path) in result.reason, result.reason
 
 
-@needs_vllm
 def test_timeout_is_not_served_and_says_so(smollm2):
     result = measure_serving(smollm2, PROMPTS[:1], output_tokens=2, timeout_s=1)
     assert_not_served(result)
     assert "timeout" in result.reason
-
-
-def test_missing_vllm_is_not_served_without_starting_a_worker(smollm2, monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name)
-    )
-    monkeypatch.setattr(subprocess, "Popen", None)  # any launch would fail loudly
-    assert vllm_unavailable_reason() == "vLLM is not installed"
-    result = measure_serving(smollm2, PROMPTS)
-    assert_not_served(result)
-    assert result.reason == "vLLM is not installed"
 
 
 def test_too_few_output_tokens_is_a_usage_error(smollm2):

@@ -5,7 +5,6 @@ vLLM runs in a child process (tests/vllm_check.py), so its import and threads st
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import llmpress.schemes
 from llmpress import compress
 
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed"),
 ]
 
 CHECK = Path(__file__).with_name("vllm_check.py")
@@ -104,15 +103,6 @@ def score(
         gaps.append(logprobs.max(-1).values - chosen)
         nlls.append(-chosen)
     return torch.cat(hits).float().mean().item(), torch.cat(gaps), torch.cat(nlls).mean().item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two torch threads on the 2-core runner run 5-10x slower than one (compress included)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,37 @@ class EvalReport:
     tasks: dict[str, dict[str, float]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls,
+        model: LoadedModel,
+        base: LoadedModel | None,
+        dataset: str,
+        windows: Windows,
+        quality: Quality,
+        load_seconds: float,
+        device: str,
+        **measured: Any,
+    ) -> EvalReport:
+        """The report of `model` scored on `windows` (against `base`, where given)."""
+        return cls(
+            checkpoint=str(model.path),
+            base=None if base is None else str(base.path),
+            dataset=dataset,
+            seq_len=windows.ids.shape[1],
+            windows=windows.ids.shape[0],
+            windows_available=windows.available,
+            bos_prepended=windows.bos is not None,
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=device,
+            quantization_format=model.quantization,
+            size_bytes=model.size_bytes,
+            base_size_bytes=None if base is None else base.size_bytes,
+            quality=quality,
+            load_seconds=load_seconds,
+            **measured,
+        )
+
     @property
     def compression_ratio(self) -> float | None:
         return None if not self.base_size_bytes else self.base_size_bytes / self.size_bytes
@@ -190,21 +221,14 @@ def evaluate_checkpoint(
         if base_model is not None:
             base_model.model = None
         serving, base_serving = _serve(model, base_model, chosen)
-    return EvalReport(
-        checkpoint=str(model.path),
-        base=None if base_model is None else str(base_model.path),
-        dataset=dataset,
-        seq_len=seq_len,
-        windows=chosen.ids.shape[0],
-        windows_available=chosen.available,
-        bos_prepended=chosen.bos is not None,
-        dtype=str(model.dtype).removeprefix("torch."),
-        device=device,
-        quantization_format=model.quantization,
-        size_bytes=model.size_bytes,
-        base_size_bytes=None if base_model is None else base_model.size_bytes,
-        quality=quality,
-        load_seconds=load_seconds,
+    return EvalReport.of(
+        model,
+        base_model,
+        dataset,
+        chosen,
+        quality,
+        load_seconds,
+        device,
         serving=serving,
         base_serving=base_serving,
         tasks=task_results,

@@ -164,8 +164,18 @@ def _log(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _eval_entry(report: EvalReport) -> dict[str, Any]:
-    return report.to_json()
+@dataclass(frozen=True)
+class CompareSettings:
+    """How every model is scored and served: the same for the base and each variant."""
+
+    dataset: str = "pydoc"
+    seq_len: int = 512
+    windows: int | None = 16
+    group_size: int | None = None
+    serve: bool = False
+    dtype: str = "auto"
+    device: str = "cpu"
+    progress: bool = True
 
 
 def run_compare(
@@ -187,10 +197,9 @@ def run_compare(
 
     `serve`: measure vLLM serving (None: where vLLM is installed). Returns results.json's data.
     """
-    from llmpress.evaluate.serving import measure_serving, vllm_unavailable_reason
+    from llmpress.evaluate.serving import vllm_unavailable_reason
 
     variants = parse_variants(schemes) if isinstance(schemes, str) else list(schemes)
-    device = resolve_device(device)
     report_dir = Path(report_dir)
     base_path = Path(base)
     if report_dir.exists() and not force:
@@ -200,28 +209,22 @@ def run_compare(
         or base_path.resolve() in report_dir.resolve().parents
     ):
         raise LlmpressError(f"report folder {report_dir} must not be inside the base model")
+    settings = CompareSettings(
+        dataset=dataset,
+        seq_len=seq_len,
+        windows=windows,
+        group_size=group_size,
+        serve=vllm_unavailable_reason() is None if serve is None else serve,
+        dtype=dtype,
+        device=resolve_device(device),
+        progress=progress,
+    )
     text = load_text(dataset)
-    if serve is None:
-        serve = vllm_unavailable_reason() is None
     work = report_dir.with_name(f".{report_dir.name}.llmpress-partial")
     shutil.rmtree(work, ignore_errors=True)
     (work / "checkpoints").mkdir(parents=True)
     try:
-        results = _compare_into(
-            work,
-            base_path,
-            variants,
-            text,
-            dataset,
-            seq_len,
-            windows,
-            group_size,
-            serve,
-            dtype,
-            device,
-            progress,
-            measure_serving,
-        )
+        results = _compare_into(work, base_path, variants, text, settings)
         if not keep_checkpoints:
             shutil.rmtree(work / "checkpoints")
         shutil.rmtree(work / "base-logits", ignore_errors=True)
@@ -236,45 +239,40 @@ def run_compare(
     return results
 
 
+def _serve(checkpoint: Path, prompts: list[str]) -> dict[str, Any]:
+    from llmpress.evaluate.serving import measure_serving
+
+    return measure_serving(checkpoint, prompts, output_tokens=SERVING_OUTPUT_TOKENS).to_json()
+
+
 def _compare_into(
-    work,
-    base_path,
-    variants,
-    text,
-    dataset,
-    seq_len,
-    windows,
-    group_size,
-    serve,
-    dtype,
-    device,
-    progress,
-    measure_serving,
+    work: Path, base_path: Path, variants: list[Variant], text: str, settings: CompareSettings
 ) -> dict[str, Any]:
+    progress, device = settings.progress, settings.device
     steps = len(variants) + 1
     _log(f"[1/{steps}] base {base_path}: loading and scoring", progress)
     start = time.perf_counter()
-    base = load_model(base_path, dtype, device)
+    base = load_model(base_path, settings.dtype, device)
     load_seconds = time.perf_counter() - start
-    chosen = token_windows(base.tokenizer, text, seq_len, windows)
+    chosen = token_windows(base.tokenizer, text, settings.seq_len, settings.windows)
     reference = CachedReference(base.model, work / "base-logits")
     base_quality = score(base.model, chosen, reference, device, progress, label="base")
-    base_report = _report(base, base, dataset, seq_len, chosen, base_quality, load_seconds, device)
+    base_report = EvalReport.of(
+        base, base, settings.dataset, chosen, base_quality, load_seconds, device
+    )
     prompts = serving_prompts(base.tokenizer, chosen)
-    base_entry = {
+    base_entry: dict[str, Any] = {
         "label": f"base ({str(base.dtype).removeprefix('torch.')})",
         "checkpoint": str(base_path.resolve()),
-        "eval": _eval_entry(base_report),
+        "eval": base_report.to_json(),
     }
-    base_tokenizer_holder = base  # tokenizers stay for the checks; the weights go
-    reference.model = None
-    base.model = None
+    # Every window's base logits are saved now: the base's weights can go; its tokenizer and
+    # size stay for the checks and ratios.
+    reference.model = base.model = None
     gc.collect()
-    if serve:
+    if settings.serve:
         _log(f"[1/{steps}] base: serving with vLLM", progress)
-        base_entry["serving"] = measure_serving(
-            base_path, prompts, output_tokens=SERVING_OUTPUT_TOKENS
-        ).to_json()
+        base_entry["serving"] = _serve(base_path, prompts)
 
     entries = []
     for number, variant in enumerate(variants, start=2):
@@ -287,7 +285,7 @@ def _compare_into(
         }
         entries.append(entry)
         _log(f"[{number}/{steps}] {variant.label}: compressing", progress)
-        entry["compress"] = compress_in_child(base_path, variant, out, group_size)
+        entry["compress"] = compress_in_child(base_path, variant, out, settings.group_size)
         if "error" in entry["compress"]:
             entry["error"] = f"compress failed: {entry['compress']['error']}"
             _log(f"  {entry['error']}", progress)
@@ -296,28 +294,26 @@ def _compare_into(
         start = time.perf_counter()
         model = load_model(out, base.dtype, device)
         load_seconds = time.perf_counter() - start
-        check_same_tokenizer(model, base_tokenizer_holder, text)
+        check_same_tokenizer(model, base, text)
         quality = score(model.model, chosen, reference, device, progress, label=variant.label)
-        report = _report(model, base, dataset, seq_len, chosen, quality, load_seconds, device)
-        entry["eval"] = {**_eval_entry(report), "checkpoint": entry["checkpoint"]}
+        report = EvalReport.of(model, base, settings.dataset, chosen, quality, load_seconds, device)
+        entry["eval"] = {**report.to_json(), "checkpoint": entry["checkpoint"]}
         del model
         gc.collect()
-        if serve:
+        if settings.serve:
             _log(f"[{number}/{steps}] {variant.label}: serving with vLLM", progress)
-            entry["serving"] = measure_serving(
-                out, prompts, output_tokens=SERVING_OUTPUT_TOKENS
-            ).to_json()
-    settings = {
-        "dataset": dataset,
-        "seq_len": seq_len,
+            entry["serving"] = _serve(out, prompts)
+    summary = {
+        "dataset": settings.dataset,
+        "seq_len": settings.seq_len,
         "windows": chosen.ids.shape[0],
         "tokens_scored": base_quality.tokens,
         "dtype": str(base.dtype).removeprefix("torch."),
         "device": device,
-        "group_size": group_size,
-        "serving": _serving_settings(base_entry, prompts) if serve else None,
+        "group_size": settings.group_size,
+        "serving": _serving_settings(base_entry, prompts) if settings.serve else None,
     }
-    return {"settings": settings, "base": base_entry, "variants": entries, "machine": _machine()}
+    return {"settings": summary, "base": base_entry, "variants": entries, "machine": _machine()}
 
 
 def _serving_settings(base_entry: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
@@ -330,22 +326,3 @@ def _serving_settings(base_entry: dict[str, Any], prompts: list[str]) -> dict[st
         "output_tokens": SERVING_OUTPUT_TOKENS,
         "definition": SERVING_FIGURES,
     }
-
-
-def _report(model, base, dataset, seq_len, chosen, quality, load_seconds, device) -> EvalReport:
-    return EvalReport(
-        checkpoint=str(model.path),
-        base=str(base.path),
-        dataset=dataset,
-        seq_len=seq_len,
-        windows=chosen.ids.shape[0],
-        windows_available=chosen.available,
-        bos_prepended=chosen.bos is not None,
-        dtype=str(model.dtype).removeprefix("torch."),
-        device=device,
-        quantization_format=model.quantization,
-        size_bytes=model.size_bytes,
-        base_size_bytes=base.size_bytes,
-        quality=quality,
-        load_seconds=load_seconds,
-    )

@@ -1,0 +1,181 @@
+"""Calibration samples through a decoder stack, one layer resident at a time.
+
+The model is built on the meta device; only the modules outside the decoder layers
+(embeddings, rotary tables, final norm) and one decoder layer at a time hold real weights.
+Every decoder layer is first replaced by a catcher that records the arguments the model passes
+it (attention masks, position embeddings, per layer type where layers differ, as in Gemma3)
+and returns its input unchanged, so one cheap forward per sample yields every layer's call
+arguments without tracing. Then each layer is materialized from the checkpoint, run on each
+sample's hidden states (hooks on its modules see their inputs), handed to the caller to
+compress, run again to give the next layer its inputs, and freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmpress.errors import LlmpressError
+from llmpress.source import ModelSource
+
+
+class _Stop(Exception):
+    """Raised by the last catcher: nothing after the decoder layers needs to run."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self, index: int, calls: dict[int, dict[str, Any]], last: bool):
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise LlmpressError("decoder layers called with positional arguments are not supported")
+        self.calls[self.index] = kwargs
+        if self.index == 0:
+            self.calls["hidden_states"] = hidden_states
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@dataclass
+class SampleState:
+    """One sample between layers: its hidden states and each layer's call arguments."""
+
+    hidden: torch.Tensor
+    calls: dict[int, dict[str, Any]] = field(repr=False)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device but buffers (rotary tables, embedding
+    scales: computed in __init__, absent from checkpoints) real, on the CPU."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _set_parameters(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Give `module`'s own parameters (not its children's) the checkpoint's tensors."""
+    for name, param in list(module._parameters.items()):
+        if param is None:  # e.g. a Linear without bias
+            continue
+        key = f"{prefix}{name}"
+        if key not in tensors:
+            raise LlmpressError(f"the checkpoint has no tensor {key}")
+        module._parameters[name] = nn.Parameter(tensors[key], requires_grad=False)
+
+
+class LayerRunner:
+    """Holds the model skeleton and the samples' states as the layers go by."""
+
+    def __init__(self, source: ModelSource, device: str = "cpu"):
+        if source.layer_prefix is None:
+            raise LlmpressError(f"{source.path}: no decoder layers found to run layer by layer")
+        from transformers import AutoModelForCausalLM
+
+        self.source, self.device = source, device
+        with parameters_on_meta():
+            self.model = AutoModelForCausalLM.from_config(source.config).eval()
+        self.modules = dict(self.model.named_modules())
+        self.layers: nn.ModuleList = self.modules[source.layer_prefix]
+        self._materialize_outside_layers()
+        for module in self.model.modules():  # buffers are real everywhere; move them
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
+
+    def _materialize_outside_layers(self) -> None:
+        """Embeddings, norms: every module outside the decoder layers, except the output head
+        (the forward stops before it)."""
+        layers = self.source.layer_prefix
+        head = {n for n, m in self.modules.items() if m is self.model.get_output_embeddings()}
+        wanted = {
+            name: module
+            for name, module in self.modules.items()
+            if any(p is not None for p in module._parameters.values())
+            and name not in head
+            and not (name == layers or name.startswith(layers + "."))
+        }
+        keys = [
+            f"{n}.{p}" if n else p
+            for n, m in wanted.items()
+            for p, value in m._parameters.items()
+            if value is not None
+        ]
+        tensors = self.source.read([k for k in keys if k in self.source.tensor_entries])
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        for name, module in wanted.items():
+            _set_parameters(module, tensors, f"{name}." if name else "")
+
+    @torch.inference_mode()
+    def capture(self, samples: list[torch.Tensor]) -> list[SampleState]:
+        """Each sample's input to layer 0 and the arguments every layer is called with."""
+        real = list(self.layers)
+        states = []
+        try:
+            for sample in samples:
+                calls: dict[Any, Any] = {}
+                for i in range(len(real)):
+                    self.layers[i] = _Catcher(i, calls, last=i == len(real) - 1)
+                with contextlib.suppress(_Stop):
+                    self.model(sample.unsqueeze(0).to(self.device), use_cache=False)
+                hidden = calls.pop("hidden_states")
+                states.append(SampleState(hidden, calls))
+        finally:
+            for i, layer in enumerate(real):
+                self.layers[i] = layer
+        return states
+
+    def load_layer(self, index: int) -> nn.Module:
+        """Layer `index` with its checkpoint weights, on the compute device."""
+        layer = self.layers[index]
+        prefix = f"{self.source.layer_prefix}.{index}."
+        names = [n for n in self.source.tensor_entries if n.startswith(prefix)]
+        tensors = {k: v.to(self.device) for k, v in self.source.read(names).items()}
+        for name, module in layer.named_modules():
+            _set_parameters(module, tensors, f"{prefix}{name}." if name else prefix)
+        return layer
+
+    def unload_layer(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    @torch.inference_mode()
+    def forward_layer(self, index: int, states: list[SampleState]) -> None:
+        """Replace each sample's hidden states by layer `index`'s output."""
+        layer = self.layers[index]
+        for state in states:
+            out = layer(state.hidden, **state.calls[index])
+            state.hidden = out[0] if isinstance(out, tuple) else out
+
+    def run(
+        self,
+        samples: list[torch.Tensor],
+        on_layer: Callable[[int, nn.Module, list[SampleState]], None] | None = None,
+    ) -> Iterator[tuple[int, nn.Module]]:
+        """Yield each materialized layer after `on_layer` (observe, compress) and before its
+        output becomes the next layer's input."""
+        states = self.capture(samples)
+        for index in range(len(self.layers)):
+            layer = self.load_layer(index)
+            if on_layer is not None:
+                on_layer(index, layer, states)
+            yield index, layer
+            self.forward_layer(index, states)
+            self.unload_layer(index)
+        self.states = states

@@ -56,3 +56,26 @@ def test_inspect_rejects_a_plain_model(tiny_llama):
     proc = llmpress("inspect", tiny_llama)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tiny_llama} is not a compressed-tensors checkpoint"
+
+
+def test_dry_run_prints_the_plan_writes_nothing_and_estimates_close(tiny_llama, tmp_path):
+    from llmpress import compress
+    from llmpress.api import compress_options, dry_run
+
+    out = tmp_path / "never"
+    proc = llmpress("compress", tiny_llama, "-o", out, "--scheme", "W4A16", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert "W4A16 by rtn (minmax observer): 14 modules" in proc.stdout
+    assert "q_proj x 2" in proc.stdout and "left alone: lm_head" in proc.stdout
+    plan = dry_run(tiny_llama, compress_options("W4A16"))
+    real = compress(str(tiny_llama), str(tmp_path / "real"), "W4A16", progress=False)
+    assert real.quantized_modules == plan["quantized_modules"] == 14
+    assert abs(plan["estimated_output_bytes"] / real.output_bytes - 1) < 0.03
+    assert f"write about {plan['estimated_output_bytes'] / 1e6:,.1f} MB" in proc.stdout
+
+
+def test_dry_run_fails_fast_on_a_plan_that_cannot_work(smollm2, tmp_path):
+    proc = llmpress("compress", smollm2, "-o", tmp_path / "x", "--scheme", "W4A16", "--dry-run")
+    assert proc.returncode == 2
+    assert "group size 128 does not divide" in proc.stderr and "--group-size 64" in proc.stderr

@@ -58,22 +58,67 @@ def compress(
     one decoder layer at a time; the input is never modified and OUTPUT appears only when
     complete.
     """
-    fields = {"targets": targets, "ignore": ignore}
+    options = compress_options(
+        scheme,
+        targets=targets,
+        ignore=ignore,
+        observer=observer,
+        group_size=group_size,
+        device=device,
+        max_shard_size=max_shard_size,
+        packing=packing,
+    )
+    return run(model, Path(output), options, force=force, progress=progress)
+
+
+def compress_options(scheme: str, **fields) -> CompressOptions:
+    """Options from keyword arguments (None: the default), with one-line validation errors."""
+    for key in ("targets", "ignore"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
     try:
-        options = CompressOptions(
-            scheme=scheme,
-            observer=observer,
-            group_size=group_size,
-            device=device,
-            max_shard_size=max_shard_size,
-            packing=packing,
-            **{k: tuple(v) for k, v in fields.items() if v is not None},
-        )
+        return CompressOptions(scheme=scheme, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
         raise LlmpressError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
-    return run(model, Path(output), options, force=force, progress=progress)
+
+
+# What a run holds besides its two resident layer groups: interpreter, torch, transformers and
+# compressed-tensors (measured ~350 MB on 2.13/5.19/0.17), and a shard write buffer.
+BASELINE_RSS_BYTES = 450 * 10**6
+# Rough rate for the time estimate: measured 350-435 MB/s of input on 2 CPU cores (BENCHMARKS.md).
+ESTIMATE_BYTES_PER_SECOND = 300 * 10**6
+
+
+def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
+    """What `run` would do, from headers and config alone: nothing is read or written."""
+    source = ModelSource.open(model)
+    plan = build_plan(source, options)
+    kinds: dict[str, int] = {}
+    for name in plan.modules:
+        kind = name.rsplit(".", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    resident = [  # big loose tensors (embeddings, head) stream through in STREAM_BYTES pieces
+        min(sum(source.nbytes(n) for n in g), STREAM_BYTES)
+        if len(g) == 1 and g[0] not in plan.weight_names
+        else sum(source.nbytes(n) for n in g)
+        for g in source.tensors_by_layer()
+    ]
+    largest_two = sum(sorted(resident)[-2:])
+    return {
+        "model": str(source.path),
+        "scheme": options.scheme,
+        "algorithm": "rtn",
+        "observer": options.observer,
+        "quantized_modules": len(plan.modules),
+        "modules_by_kind": kinds,
+        "left_alone": list(plan.ignored),
+        "input_bytes": source.total_bytes,
+        "estimated_output_bytes": plan.estimated_output_bytes(source),
+        "estimated_peak_rss_bytes": BASELINE_RSS_BYTES + largest_two,
+        "estimated_seconds": round(source.total_bytes / ESTIMATE_BYTES_PER_SECOND, 1),
+    }
 
 
 def run(

@@ -70,6 +70,9 @@ def main() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan and estimates; read and write nothing."
+)
 def compress(
     model,
     output,
@@ -83,12 +86,29 @@ def compress(
     packing,
     force,
     quiet,
+    dry_run,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
 
     with deferred_torch_compile():
         from llmpress.api import compress as run
+        from llmpress.api import compress_options
+        from llmpress.api import dry_run as plan_only
+
+    if dry_run:
+        options = compress_options(
+            scheme,
+            targets=targets or None,
+            ignore=ignore or None,
+            observer=observer,
+            group_size=group_size,
+            device=device,
+            max_shard_size=_size(max_shard_size),
+            packing=packing,
+        )
+        _print_plan(plan_only(model, options), output)
+        return
 
     result = run(
         model,
@@ -108,6 +128,28 @@ def compress(
         f"wrote {result.output} — {result.quantized_modules} layers quantized, "
         f"{result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB "
         f"({result.ratio:.2f}x) in {result.seconds:.1f} s"
+    )
+
+
+def _print_plan(plan: dict, output: Path) -> None:
+    click.echo(f"plan for {plan['model']} -> {output} (dry run: nothing read or written)")
+    click.echo(
+        f"  {plan['scheme']} by {plan['algorithm']} ({plan['observer']} observer): "
+        f"{plan['quantized_modules']} modules"
+    )
+    kinds = ", ".join(f"{kind} x {count}" for kind, count in plan["modules_by_kind"].items())
+    click.echo(f"    {kinds}")
+    if plan["left_alone"]:
+        shown = plan["left_alone"][:6]
+        more = len(plan["left_alone"]) - len(shown)
+        click.echo(f"  left alone: {', '.join(shown)}" + (f" and {more} more" if more else ""))
+    click.echo(
+        f"  read {plan['input_bytes'] / 1e6:,.1f} MB, write about "
+        f"{plan['estimated_output_bytes'] / 1e6:,.1f} MB"
+    )
+    click.echo(
+        f"  estimated peak memory {plan['estimated_peak_rss_bytes'] / 1e6:,.0f} MB, time about "
+        f"{plan['estimated_seconds']:.0f} s on 2 CPU cores"
     )
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from llmpress import compress
 from llmpress.checkpoint import check_reader
 from llmpress.errors import LlmpressError
-from llmpress.schemes import scheme_names
+from llmpress.schemes import data_free_scheme_names as scheme_names
 
 REPO = Path(__file__).resolve().parents[1]
 CT_NEWEST = REPO / ".cache" / "ct-0.20"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from llmpress import compress
 from llmpress.observers import global_scale, weight_qparams
 from llmpress.plan import FUSED_SIBLINGS
-from llmpress.schemes import scheme_names
+from llmpress.schemes import data_free_scheme_names as scheme_names
 
 # Relative L2 error of the tiny model's logits against the unquantized model: loose enough for
 # random weights, tight enough that a wrong scale, a transposed pack or a bad group fails.

@@ -50,6 +50,10 @@ def compress(
     force: bool = False,
     max_shard_size: int = 2 * 1024**3,
     packing: str = "auto",
+    dataset: str | None = None,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
     progress: bool = True,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
@@ -67,6 +71,10 @@ def compress(
         device=device,
         max_shard_size=max_shard_size,
         packing=packing,
+        dataset=dataset,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
     )
     return run(model, Path(output), options, force=force, progress=progress)
 
@@ -132,15 +140,24 @@ def run(
     _check_output(source.path.resolve(), output, force)
     plan = build_plan(source, options)
     _check_space(output, plan.estimated_output_bytes(source))
+    calibration = _calibration(source, plan, options)
 
     writer = CheckpointWriter(output, options.max_shard_size, list(source.tensor_files))
     try:
-        _write_tensors(source, plan, options, writer, progress)
+        calibrated = None
+        if calibration is not None:
+            from llmpress.calibrate import StaticCalibration
+
+            calibrated = StaticCalibration(source, plan, calibration, options.device)
+        _write_tensors(source, plan, options, writer, progress, calibrated)
         config = _raw_config(source)
         config["quantization_config"] = quantization_config(plan, options.layout)
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
         shards = writer.finish(config, source.passthrough_files(), extra)
-        writer.commit(_manifest(source, plan, options, shards), force)
+        manifest = _manifest(source, plan, options, shards)
+        if calibration is not None:
+            manifest["calibration"] = calibration.to_json()
+        writer.commit(manifest, force)
     except BaseException:
         writer.abort()
         raise
@@ -155,12 +172,37 @@ def run(
 STREAM_BYTES = 1 << 26
 
 
+def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
+    """The calibration samples a static-activation scheme needs, or None."""
+    from llmpress.calibrate import needs_calibration
+
+    if not needs_calibration(plan.scheme):
+        return None
+    if options.dataset is None:
+        raise LlmpressError(
+            f"{options.scheme} quantizes activations with static scales, computed from "
+            "calibration text: give --dataset (e.g. pydoc-calibration, or a .txt/.jsonl file)"
+        )
+    from transformers import AutoTokenizer
+
+    from llmpress.data import calibration_set
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:
+        raise LlmpressError(f"{source.path} has no tokenizer to encode calibration text") from exc
+    return calibration_set(
+        options.dataset, tokenizer, options.num_samples, options.seq_len, options.seed
+    )
+
+
 def _write_tensors(
     source: ModelSource,
     plan: Plan,
     options: CompressOptions,
     writer: CheckpointWriter,
     progress: bool,
+    calibrated=None,
 ) -> None:
     """One group (a decoder layer, or one loose tensor) in work at a time.
 
@@ -193,7 +235,11 @@ def _write_tensors(
             to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
             for name, tensor in tensors.items():  # quantized weights: checked by the observer
                 check_finite(name, tensor)
-            if to_quantize:
+            layer = source.layer_of(names[0])
+            packed = None
+            if calibrated is not None and layer is not None:  # every layer, in order
+                packed = calibrated.compress(layer, to_quantize, options.observer, options.layout)
+            elif to_quantize:
                 packed = compress_layer(
                     to_quantize,
                     plan.scheme,
@@ -202,6 +248,7 @@ def _write_tensors(
                     options.device,
                     options.layout,
                 )
+            if packed:
                 tensors.update(
                     (f"{module}.{k}", v)
                     for module, state in packed.items()

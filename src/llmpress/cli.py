@@ -73,6 +73,15 @@ def main() -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan and estimates; read and write nothing."
 )
+@click.option(
+    "--dataset",
+    default=None,
+    help="Calibration text for static-activation schemes (FP8): pydoc-calibration, a "
+    ".txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
+)
+@click.option("--num-samples", type=int, default=None, help="Calibration samples (default 128).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sample at most (default 512).")
+@click.option("--seed", type=int, default=None, help="Sample selection seed (default 0).")
 def compress(
     model,
     output,
@@ -87,6 +96,10 @@ def compress(
     force,
     quiet,
     dry_run,
+    dataset,
+    num_samples,
+    seq_len,
+    seed,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -122,6 +135,10 @@ def compress(
         force=force,
         max_shard_size=_size(max_shard_size),
         packing=packing,
+        dataset=dataset,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
         progress=not quiet,
     )
     click.echo(

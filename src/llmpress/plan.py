@@ -32,7 +32,7 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class CompressOptions(BaseModel):
-    """Everything a data-free compression run needs to know, validated when built."""
+    """Everything a compression run needs to know, validated when built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +46,11 @@ class CompressOptions(BaseModel):
     # Sub-byte layout for 3/5/6/7-bit weights: "auto" is what the installed compressed-tensors
     # reads; "dense" is what vLLM and compressed-tensors >= 0.18 read; "padded" is <= 0.17's.
     packing: Literal["auto", "padded", "dense"] = "auto"
+    # Calibration text, for schemes with static activation scales (see llmpress.data).
+    dataset: str | None = None
+    num_samples: int = Field(default=128, gt=0)
+    seq_len: int = Field(default=512, gt=0)
+    seed: int = 0
 
     @property
     def layout(self) -> str:

@@ -156,12 +156,14 @@ class LayerRunner:
         self.layers[index].to("meta")
 
     @torch.inference_mode()
-    def forward_layer(self, index: int, states: list[SampleState]) -> None:
-        """Replace each sample's hidden states by layer `index`'s output."""
+    def forward_layer(self, index: int, states: list[SampleState], update: bool = True) -> None:
+        """Run layer `index` on every sample; `update`: its output becomes the hidden states
+        (False: a pass for hooks to observe)."""
         layer = self.layers[index]
         for state in states:
             out = layer(state.hidden, **state.calls[index])
-            state.hidden = out[0] if isinstance(out, tuple) else out
+            if update:
+                state.hidden = out[0] if isinstance(out, tuple) else out
 
     def run(
         self,

@@ -39,6 +39,12 @@ DESCRIPTIONS: dict[str, str] = {
     "MXFP8A16": "fp8 e4m3 weights, group 32 with e8m0 scales; 16-bit activations",
     "MXFP8": "MXFP8 weights; MXFP8 activations, group 32, at run time",
 }
+# Schemes with static activation scales: compress needs calibration text (--dataset).
+CALIBRATED: dict[str, str] = {
+    "FP8": "fp8 e4m3 weights per tensor; fp8 activations per tensor, static scale (--dataset)",
+}
+DATA_FREE = dict(DESCRIPTIONS)
+DESCRIPTIONS.update(CALIBRATED)
 
 # Weight+activation int4 schemes that vLLM only serves from the packed layout: compressed-tensors
 # would infer an unpacked format for them because they quantize activations.
@@ -64,6 +70,10 @@ def _int_weight_only(num_bits: int) -> dict:
 
 def scheme_names() -> list[str]:
     return list(DESCRIPTIONS)
+
+
+def data_free_scheme_names() -> list[str]:
+    return list(DATA_FREE)
 
 
 def preset_args(name: str) -> dict:

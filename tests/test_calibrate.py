@@ -1,0 +1,95 @@
+"""FP8 with static activation scales, calibrated layer by layer on real text (SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmpress import compress
+from llmpress.data import calibration_set
+from llmpress.errors import LlmpressError
+from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint
+
+CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+@pytest.fixture(scope="module")
+def fp8_static(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "fp8-static"
+    compress(str(smollm2), str(out), "FP8", progress=False, **CALIBRATION)
+    return out
+
+
+def _stored(checkpoint, name):
+    with safe_open(checkpoint / "model.safetensors", "pt") as reader:
+        return reader.get_tensor(name)
+
+
+def test_first_layer_scales_equal_an_independent_computation(smollm2, fp8_static):
+    # Layer 0's inputs do not depend on any quantization: hook the plain bf16 model.
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    samples = calibration_set(
+        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
+    ).samples
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).eval()
+    layer = model.model.layers[0]
+    names = {"self_attn.q_proj": layer.self_attn.q_proj, "mlp.down_proj": layer.mlp.down_proj}
+    absmax = dict.fromkeys(names, 0.0)
+
+    def track(key):
+        def hook(module, args):
+            absmax[key] = max(absmax[key], float(args[0].abs().max()))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(track(k)) for k, m in names.items()]
+    with torch.inference_mode():
+        for sample in samples:
+            model(sample.unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    for key in names:
+        expected = torch.tensor(absmax[key] / FP8_MAX).to(torch.bfloat16)
+        stored = _stored(fp8_static, f"model.layers.0.{key}.input_scale")
+        assert stored.dtype == torch.bfloat16 and stored.shape == (1,)
+        assert stored[0] == expected, key
+
+
+def test_every_quantized_module_has_an_input_scale_and_the_config_says_static(fp8_static):
+    config = json.loads((fp8_static / "config.json").read_text())["quantization_config"]
+    acts = config["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] is False and acts["strategy"] == "tensor" and acts["type"] == "float"
+    with safe_open(fp8_static / "model.safetensors", "pt") as reader:
+        keys = set(reader.keys())
+    weights = {k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale")}
+    assert len(weights) == 30 * 7
+    assert {k.removesuffix(".input_scale") for k in keys if k.endswith(".input_scale")} == weights
+    # q, k and v read the same input: one scale.
+    assert _stored(fp8_static, "model.layers.7.self_attn.q_proj.input_scale") == _stored(
+        fp8_static, "model.layers.7.self_attn.v_proj.input_scale"
+    )
+    manifest = json.loads((fp8_static / "llmpress.json").read_text())
+    assert manifest["calibration"]["samples"] == 8 and len(manifest["calibration"]["sha256"]) == 64
+
+
+def test_transformers_loads_it_close_to_the_base(smollm2, fp8_static):
+    report = evaluate_checkpoint(fp8_static, base=smollm2, seq_len=96, windows=2, device="cpu")
+    assert report.quality.kl_divergence < 0.15 and report.quality.top1_agreement > 0.8
+
+
+def test_same_data_and_seed_give_identical_bytes(smollm2, fp8_static, tmp_path):
+    again = tmp_path / "again"
+    compress(str(smollm2), str(again), "FP8", progress=False, **CALIBRATION)
+    for name in ("model.safetensors", "config.json", "recipe.yaml"):
+        assert (again / name).read_bytes() == (fp8_static / name).read_bytes(), name
+
+
+def test_static_scheme_without_data_is_refused(smollm2, tmp_path):
+    with pytest.raises(LlmpressError, match="static scales, computed from calibration text"):
+        compress(str(smollm2), str(tmp_path / "x"), "FP8", progress=False)
+    assert not (tmp_path / "x").exists()

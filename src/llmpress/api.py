@@ -238,7 +238,9 @@ def _write_tensors(
             layer = source.layer_of(names[0])
             packed = None
             if calibrated is not None and layer is not None:  # every layer, in order
-                packed = calibrated.compress(layer, to_quantize, options.observer, options.layout)
+                packed = calibrated.compress(
+                    layer, to_quantize, tensors, options.observer, options.layout
+                )
             elif to_quantize:
                 packed = compress_layer(
                     to_quantize,

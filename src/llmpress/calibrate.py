@@ -67,11 +67,14 @@ class StaticCalibration:
         self,
         index: int,
         weights: dict[str, torch.Tensor],
+        others: dict[str, torch.Tensor],
         observer: str,
         layout,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Layer `index`: observe its inputs, compress `weights`, run it compressed."""
-        layer = self.runner.load_layer(index)
+        """Layer `index`: observe its inputs, compress `weights` (by module name), run it
+        compressed. `others`: the layer's remaining tensors (norms...), by full name."""
+        read = {**others, **{f"{name}.weight": w for name, w in weights.items()}}
+        layer = self.runner.load_layer(index, read)
         modules = self.runner.modules
         ranges = {name: _InputRange() for name in weights}
         hooks = [modules[n].register_forward_pre_hook(r) for n, r in ranges.items()]

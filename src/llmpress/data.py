@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, first_line
 from llmpress.evaluate.texts import BUILTIN, DATASET_FORMATS, pydoc_split
 
 MIN_SAMPLE_TOKENS = 16  # shorter pieces (a heading, a stray line) carry no useful statistics
@@ -103,9 +103,8 @@ def _load_table(spec: str, split: str):
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         return datasets.load_dataset(spec, split=split)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LlmpressError(
-            f"cannot load calibration dataset {spec!r} ({type(exc).__name__}: {text}); "
+            f"cannot load calibration dataset {spec!r} ({type(exc).__name__}: {first_line(exc)}); "
             "offline, give a local .txt, .jsonl, .json, .csv or .parquet file or "
             f"a built-in text ({', '.join(BUILTIN)})"
         ) from exc

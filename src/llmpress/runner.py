@@ -142,12 +142,15 @@ class LayerRunner:
                 self.layers[i] = layer
         return states
 
-    def load_layer(self, index: int) -> nn.Module:
-        """Layer `index` with its checkpoint weights, on the compute device."""
+    def load_layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Layer `index` with its checkpoint weights, on the compute device; `tensors`: the
+        layer's tensors by full name, when the caller has read them already."""
         layer = self.layers[index]
         prefix = f"{self.source.layer_prefix}.{index}."
-        names = [n for n in self.source.tensor_entries if n.startswith(prefix)]
-        tensors = {k: v.to(self.device) for k, v in self.source.read(names).items()}
+        if tensors is None:
+            names = [n for n in self.source.tensor_entries if n.startswith(prefix)]
+            tensors = self.source.read(names)
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
         for name, module in layer.named_modules():
             _set_parameters(module, tensors, f"{prefix}{name}." if name else prefix)
         return layer

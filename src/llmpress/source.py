@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, first_line
 
 # Files copied unchanged from the input: tokenizer, chat template, generation settings.
 PASSTHROUGH_FILES = re.compile(
@@ -63,7 +63,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as exc:  # network, auth, missing repo: one message for all
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise LlmpressError(
             f"{str(model)!r} is not a local directory and could not be fetched from the "
             f"Hugging Face hub ({reason}); download it first and pass its directory"

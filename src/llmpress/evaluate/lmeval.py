@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, first_line
 
 _INSTALL_HINT = "install it with `pip install 'llmpress[lmeval]'` (or `pip install 'lm-eval[hf]'`)"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -115,7 +115,7 @@ def _is_data_unavailable(err: BaseException) -> bool:
 def _data_unavailable_message(name: str, manager, err: BaseException) -> str:
     entry = manager.task_index.get(name)
     cfg = getattr(entry, "cfg", None) or {}
-    cause = f"{type(err).__name__}: {(str(err).strip() or '?').splitlines()[0]}"
+    cause = f"{type(err).__name__}: {first_line(err)}"
     data_files = (cfg.get("dataset_kwargs") or {}).get("data_files")
     if data_files:
         return (

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, first_line
 from llmpress.source import resolve_model_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -107,7 +107,7 @@ def load_model(
     except Exception as exc:
         raise LlmpressError(
             f"transformers could not load {path} as a causal LM: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     tokenizer = None
     for source in (path, tokenizer_from):
@@ -121,8 +121,3 @@ def load_model(
     if tokenizer is None:
         raise LlmpressError(f"{path} has no tokenizer files; pass --base to borrow the base's")
     return LoadedModel(path, loaded.eval(), tokenizer, torch_dtype, quant.get("format"), size)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -171,10 +171,6 @@ def _mb(size: int | None) -> str:
     return "-" if size is None else f"{size / 1e6:.1f}"
 
 
-def evaluation_windows(model: LoadedModel, text: str, seq_len: int, count: int | None) -> Windows:
-    return token_windows(model.tokenizer, text, seq_len, count)
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     base: str | Path | None = None,
@@ -205,7 +201,7 @@ def evaluate_checkpoint(
         check_same_tokenizer(model, base_model, text)
         reference = Reference(base_model.model)
     load_seconds = time.perf_counter() - start
-    chosen = evaluation_windows(model, text, seq_len, windows)
+    chosen = token_windows(model.tokenizer, text, seq_len, windows)
     task_results = None
     if tasks:  # first: a missing task or data set fails in seconds, not after scoring
         from llmpress.evaluate.lmeval import run_tasks

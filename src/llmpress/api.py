@@ -107,10 +107,8 @@ def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
     for name in plan.modules:
         kind = name.rsplit(".", 1)[-1]
         kinds[kind] = kinds.get(kind, 0) + 1
-    resident = [  # big loose tensors (embeddings, head) stream through in STREAM_BYTES pieces
-        min(sum(source.nbytes(n) for n in g), STREAM_BYTES)
-        if len(g) == 1 and g[0] not in plan.weight_names
-        else sum(source.nbytes(n) for n in g)
+    resident = [  # streamed tensors (embeddings, head) are held STREAM_BYTES at a time
+        STREAM_BYTES if _streamed(source, plan, g) else sum(source.nbytes(n) for n in g)
         for g in source.tensors_by_layer()
     ]
     largest_two = sum(sorted(resident)[-2:])
@@ -172,6 +170,15 @@ def run(
 STREAM_BYTES = 1 << 26
 
 
+def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
+    """A loose unquantized tensor too large to hold whole: copied through in pieces."""
+    return (
+        len(group) == 1
+        and group[0] not in plan.weight_names
+        and source.nbytes(group[0]) > STREAM_BYTES
+    )
+
+
 def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
@@ -211,9 +218,7 @@ def _write_tensors(
     """
     weight_of = plan.weight_names
     groups = source.tensors_by_layer()
-    streamed = [
-        len(g) == 1 and g[0] not in weight_of and source.nbytes(g[0]) > STREAM_BYTES for g in groups
-    ]
+    streamed = [_streamed(source, plan, g) for g in groups]
     bar = tqdm(
         total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress
     )

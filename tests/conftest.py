@@ -70,6 +70,23 @@ def tiny_llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenized_llama(tmp_path_factory, smollm2) -> Path:
+    """A random 16-layer Llama small enough to calibrate in seconds, with SmolLM2's real
+    tokenizer (its vocabulary size), for runs that need calibration text."""
+    import shutil
+
+    torch.manual_seed(0)
+    dims = {**_DIMS, "num_hidden_layers": 16, "vocab_size": 49152, "hidden_size": 128}
+    dims.update(intermediate_size=256, head_dim=32)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**dims), dtype=torch.bfloat16)
+    path = tmp_path_factory.mktemp("tokenized") / "llama"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").is_file():
         pytest.fail(f"SmolLM2 fixture missing at {SMOLLM2}: run `bash scripts/install.sh`")

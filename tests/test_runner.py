@@ -30,20 +30,19 @@ def _check_equals_whole_model(path, samples):
     runner = LayerRunner(ModelSource.open(path))
     seen = []
 
-    def on_layer(index, layer, states):
+    def on_layer(index, layer):
         # Only this layer holds weights; the others are on the meta device.
         for i, other in enumerate(runner.layers):
             devices = {p.device.type for p in other.parameters()}
             assert devices == ({"cpu"} if i == index else {"meta"}), (i, index, devices)
-        assert len(states) == len(samples)
         seen.append(index)
 
     for _ in runner.run(samples, on_layer):
         pass
     assert seen == list(range(len(runner.layers)))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    for sample, state in zip(samples, runner.states, strict=True):
-        assert torch.equal(state.hidden, _final_hidden(whole, sample))
+    for sample, hidden in zip(samples, runner.hidden_states(), strict=True):
+        assert torch.equal(hidden, _final_hidden(whole, sample))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -65,7 +64,7 @@ def test_smollm2_on_real_calibration_text(smollm2):
 def test_capture_restores_the_layers(tiny_llama):
     runner = LayerRunner(ModelSource.open(tiny_llama))
     before = list(runner.layers)
-    states = runner.capture([torch.arange(3, 20)])
+    batches = runner.capture([torch.arange(3, 20)])
     assert list(runner.layers) == before
-    assert set(states[0].calls) == set(range(len(before)))
-    assert states[0].hidden.shape == (1, 17, 256)
+    assert set(batches[0].calls) == set(range(len(before)))
+    assert runner.cache.get(0).shape == (1, 17, 256)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,13 +16,15 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from llmpress import __version__
+from llmpress.activations import ActivationCache
 from llmpress.checkpoint import quantization_config, recipe_yaml
 from llmpress.errors import LlmpressError
+from llmpress.journal import Journal
 from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import CompressOptions, Plan, build_plan
 from llmpress.quantize import check_finite, compress_layer
 from llmpress.source import ModelSource
-from llmpress.writer import CheckpointWriter
+from llmpress.writer import RESUME_DIR, CheckpointWriter, partial_dir
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,16 @@ def compress(
     seq_len: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    resume: bool = False,
+    max_memory: int | None = None,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
 
-    Data-free: weights are quantized by round-to-nearest with a min-max or MSE observer,
-    one decoder layer at a time; the input is never modified and OUTPUT appears only when
-    complete.
+    Weights are quantized by round-to-nearest with a min-max or MSE observer, one decoder
+    layer at a time; schemes with static activation scales run calibration text (`dataset`)
+    through the layers. The input is never modified and OUTPUT appears only when complete;
+    `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
+    calibration activations held in memory.
     """
     options = compress_options(
         scheme,
@@ -76,7 +83,15 @@ def compress(
         seq_len=seq_len,
         seed=seed,
     )
-    return run(model, Path(output), options, force=force, progress=progress)
+    return run(
+        model,
+        Path(output),
+        options,
+        force=force,
+        progress=progress,
+        resume=resume,
+        max_memory=max_memory,
+    )
 
 
 def compress_options(scheme: str, **fields) -> CompressOptions:
@@ -128,8 +143,18 @@ def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
 
 
 def run(
-    model: str | os.PathLike, output: Path, options: CompressOptions, *, force: bool, progress: bool
+    model: str | os.PathLike,
+    output: Path,
+    options: CompressOptions,
+    *,
+    force: bool,
+    progress: bool,
+    resume: bool = False,
+    max_memory: int | None = None,
 ) -> CompressResult:
+    """`resume`: continue an interrupted calibrated run of the same command where its journal
+    stopped (a fresh run when there is none); `max_memory`: bytes of calibration activations
+    held in memory, the rest spilled to disk."""
     start = time.perf_counter()
     release_large_blocks_to_os()
     output = output.expanduser().resolve()
@@ -140,14 +165,55 @@ def run(
     _check_space(output, plan.estimated_output_bytes(source))
     calibration = _calibration(source, plan, options)
 
-    writer = CheckpointWriter(output, options.max_shard_size, list(source.tensor_files))
+    journal = record = None
+    if calibration is not None:
+        journal = Journal(
+            partial_dir(output) / RESUME_DIR, _run_identity(source, options, calibration)
+        )
+        record = journal.load()
+        if record is not None and not resume and not force:
+            raise LlmpressError(
+                f"an interrupted run of {output.name} stopped after {record['layers_done']} "
+                "layers; pass --resume to continue it, or --force to start over"
+            )
+        if record is not None and resume:
+            journal.check_same_run(record)
+        else:
+            record = None
+    writer = CheckpointWriter(
+        output,
+        options.max_shard_size,
+        list(source.tensor_files),
+        resume=record and record["writer"],
+    )
+    keep_partial = False
     try:
         calibrated = None
         if calibration is not None:
             from llmpress.calibrate import StaticCalibration
 
-            calibrated = StaticCalibration(source, plan, calibration, options.device)
-        _write_tensors(source, plan, options, writer, progress, calibrated)
+            spill = partial_dir(output) / RESUME_DIR / "activations"
+            if record is None:
+                cache = ActivationCache(spill, max_memory)
+            else:
+                cache = ActivationCache.reopen(spill, record["generation"], max_memory)
+            calibrated = StaticCalibration(
+                source, plan, calibration, options.device, cache, resumed=record is not None
+            )
+        try:
+            _write_tensors(source, plan, options, writer, progress, calibrated, journal, record)
+        except KeyboardInterrupt:
+            keep_partial = journal is not None and journal.load() is not None
+            if keep_partial:
+                print(
+                    f"\ninterrupted; rerun the same command with --resume to continue "
+                    f"(state kept in {writer.tmp_dir})",
+                    file=sys.stderr,
+                )
+            raise
+        finally:
+            if calibrated is not None:
+                calibrated.close()
         config = _raw_config(source)
         config["quantization_config"] = quantization_config(plan, options.layout)
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
@@ -157,7 +223,8 @@ def run(
             manifest["calibration"] = calibration.to_json()
         writer.commit(manifest, force)
     except BaseException:
-        writer.abort()
+        if not keep_partial:
+            writer.abort()
         raise
     out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     return CompressResult(
@@ -203,6 +270,17 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     )
 
 
+def _run_identity(source: ModelSource, options: CompressOptions, calibration) -> dict:
+    """What a resumed run must share with the interrupted one to continue its output."""
+    return {
+        "llmpress": __version__,
+        "source": str(source.path.resolve()),
+        "source_bytes": source.total_bytes,
+        "options": options.model_dump(mode="json"),
+        "calibration": calibration.fingerprint,
+    }
+
+
 def _write_tensors(
     source: ModelSource,
     plan: Plan,
@@ -210,61 +288,75 @@ def _write_tensors(
     writer: CheckpointWriter,
     progress: bool,
     calibrated=None,
+    journal: Journal | None = None,
+    record: dict | None = None,
 ) -> None:
     """One group (a decoder layer, or one loose tensor) in work at a time.
 
     The next group is read in a background thread while this one is quantized (file reads
     release the GIL), so disk and arithmetic overlap; at most two groups are resident.
+    A calibrated run journals every finished group; `record` (a journal's last entry) skips
+    the groups it lists as done.
     """
     weight_of = plan.weight_names
     groups = source.tensors_by_layer()
     streamed = [_streamed(source, plan, g) for g in groups]
-    bar = tqdm(
-        total=source.total_bytes, unit="B", unit_scale=True, desc="compress", disable=not progress
-    )
+    first = record["groups_done"] if record else 0
+    layers_done = record["layers_done"] if record else 0
+    if calibrated is not None:  # minutes per layer: count layers
+        total = sum(source.layer_of(g[0]) is not None for g in groups)
+        bar = tqdm(total=total, initial=layers_done, unit="layer", desc="calibrate")
+    else:
+        bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="compress")
+    bar.disable = not progress
 
     def prefetch(i: int):
         return None if i >= len(groups) or streamed[i] else reader.submit(source.read, groups[i])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-read") as reader:
-        pending = prefetch(0)
-        for i, names in enumerate(groups):
+        pending = prefetch(first)
+        for i in range(first, len(groups)):
+            names = groups[i]
+            layer = source.layer_of(names[0])
             if streamed[i]:
                 _copy_through(source, names[0], writer)
-                bar.update(source.nbytes(names[0]))
+                if calibrated is None:
+                    bar.update(source.nbytes(names[0]))
                 pending = prefetch(i + 1)
-                continue
-            tensors = pending.result()
-            pending = prefetch(i + 1)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
-            for name, tensor in tensors.items():  # quantized weights: checked by the observer
-                check_finite(name, tensor)
-            layer = source.layer_of(names[0])
-            packed = None
-            if calibrated is not None and layer is not None:  # every layer, in order
-                packed = calibrated.compress(
-                    layer, to_quantize, tensors, options.observer, options.layout
-                )
-            elif to_quantize:
-                packed = compress_layer(
-                    to_quantize,
-                    plan.scheme,
-                    plan.fused,
-                    options.observer,
-                    options.device,
-                    options.layout,
-                )
-            if packed:
-                tensors.update(
-                    (f"{module}.{k}", v)
-                    for module, state in packed.items()
-                    for k, v in state.items()
-                )
-            del to_quantize
-            writer.add(tensors)
-            del tensors
-            bar.update(nbytes)
+            else:
+                tensors = pending.result()
+                pending = prefetch(i + 1)
+                nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                to_quantize = {weight_of[n]: tensors.pop(n) for n in names if n in weight_of}
+                for name, tensor in tensors.items():  # quantized weights: checked by observer
+                    check_finite(name, tensor)
+                packed = None
+                if calibrated is not None and layer is not None:  # every layer, in order
+                    packed = calibrated.compress(
+                        layer, to_quantize, tensors, options.observer, options.layout
+                    )
+                elif to_quantize:
+                    packed = compress_layer(
+                        to_quantize,
+                        plan.scheme,
+                        plan.fused,
+                        options.observer,
+                        options.device,
+                        options.layout,
+                    )
+                if packed:
+                    tensors.update(
+                        (f"{module}.{k}", v)
+                        for module, state in packed.items()
+                        for k, v in state.items()
+                    )
+                del to_quantize
+                writer.add(tensors)
+                del tensors
+                bar.update(nbytes if calibrated is None else int(layer is not None))
+            if journal is not None:
+                layers_done += layer is not None
+                journal.record(i + 1, layers_done, calibrated.generation, writer.state())
     bar.close()
 
 

@@ -1,67 +1,172 @@
 """Static activation scales from calibration data, one decoder layer at a time.
 
-For schemes whose input activations have static scales (FP8: one fp8 scale per tensor), every
-quantized Linear's inputs are observed as calibration samples flow through the layer runner:
-the running min and max over all samples give the scale, by compressed-tensors'
-`calculate_qparams`, as for weights. The layer is then run again *compressed* (dequantized
-weights, fake-quantized inputs), so the next layer calibrates on what it will see at inference.
+For schemes whose input activations have static scales (FP8 and W8A8_STATIC: one scale per
+tensor; NVFP4: a global scale under dynamic group scales), every quantized Linear's inputs are
+observed as calibration batches flow through the layer runner: the running min and max over
+all samples give the scale, by compressed-tensors' `calculate_qparams` (`generate_gparam` for
+NVFP4's global scale), as for weights. Modules vLLM fuses into one GEMM (q/k/v, gate/up) read
+the same input and get one shared range. The layer is then run again *compressed*
+(dequantized weights, quantized inputs), so the next layer calibrates on what it will see at
+inference.
+
+On the CPU the layers are computed in float32: without native 16-bit matrix units the CPU
+runs float32 products several times faster than bfloat16 ones, and bf16 values are exact in
+float32, so the statistics are those of the model computed without intermediate rounding.
 """
 
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+    QuantizationType,
+)
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
+from llmpress.activations import ActivationCache
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
 from llmpress.plan import Plan
-from llmpress.quantize import compress_layer
+from llmpress.quantize import compress_layer, scheme_format
 from llmpress.runner import LayerRunner
 from llmpress.source import ModelSource
 
 
 def needs_calibration(scheme: QuantizationScheme) -> bool:
-    """Static input scales cannot be computed from weights alone."""
+    """Static input scales (or NVFP4's static global input scale) need calibration data."""
     acts = scheme.input_activations
-    return acts is not None and acts.dynamic is False
+    if acts is None:
+        return False
+    return acts.dynamic is False or acts.strategy == QuantizationStrategy.TENSOR_GROUP
 
 
-class _InputRange:
-    """Running min and max of a module's first input, over every sample."""
-
-    def __init__(self):
-        self.lo = torch.tensor(float("inf"))
-        self.hi = torch.tensor(float("-inf"))
-
-    def __call__(self, module, args):
-        x = args[0]
-        self.lo = torch.minimum(self.lo, x.min().float().cpu())
-        self.hi = torch.maximum(self.hi, x.max().float().cpu())
+def compute_dtype(device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if device.startswith("cpu") else checkpoint_dtype
 
 
-def _dequantized(state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """A float-quantized (fp8) weight back in `dtype`, as compressed-tensors decompresses it."""
-    return (state["weight"].to(torch.float32) * state["weight_scale"].to(torch.float32)).to(dtype)
+class _InputRanges:
+    """Running min and max of each watched module's first input over every sample; modules
+    handed the same tensor (q/k/v, gate/up) are reduced once."""
+
+    def __init__(self, names: list[str]):
+        self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
+        self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
+        self._last: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, *[None] * 2)
+
+    def hook(self, name: str):
+        def observe(module, args):
+            x = args[0]
+            if self._last[0] is not x:
+                self._last = (x, x.min().float().cpu(), x.max().float().cpu())
+            _, lo, hi = self._last
+            self.lo[name] = torch.minimum(self.lo[name], lo)
+            self.hi[name] = torch.maximum(self.hi[name], hi)
+
+        return observe
+
+    def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.stack([self.lo[m] for m in members]).min()
+        hi = torch.stack([self.hi[m] for m in members]).max()
+        return lo.reshape(1), hi.reshape(1)
+
+
+def dequantized_weight(
+    state: dict[str, torch.Tensor], scheme: QuantizationScheme, dtype: torch.dtype
+) -> torch.Tensor:
+    """A compressed module's weight as its readers reconstruct it, in `dtype`."""
+    args = scheme.weights
+    per_row = args.strategy in (QuantizationStrategy.TENSOR, QuantizationStrategy.CHANNEL)
+    if "weight" in state and per_row and "weight_zero_point" not in state:
+        # float-quantized / int-quantized: one scale per tensor or per output row.
+        return (state["weight"].to(torch.float32) * state["weight_scale"].to(torch.float32)).to(
+            dtype
+        )
+    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
+    stored = {k: v for k, v in state.items() if k.startswith("weight")}
+    return compressor.decompress(stored, scheme)["weight"].to(dtype)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    """Quantize-dequantize with one static symmetric scale, as vLLM does (round to nearest
+    even, saturate): compressed-tensors' fake_quantize, without its general machinery."""
+    scaled = x / scale
+    if args.type == QuantizationType.FLOAT:
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        q = scaled.clamp_(-fmax, fmax).to(torch.float8_e4m3fn).to(x.dtype)
+    else:
+        qmax = 2 ** (args.num_bits - 1)
+        q = scaled.round_().clamp_(-qmax, qmax - 1)
+    return q.mul_(scale)
+
+
+class _InputQuantizer:
+    """Forward pre-hooks that quantize each module's input as it will be at inference."""
+
+    def __init__(self, args: QuantizationArgs):
+        self.args = args
+        self._last: tuple[torch.Tensor | None, object, torch.Tensor | None] = (None, None, None)
+
+    def hook(self, params: dict[str, torch.Tensor]):
+        def quantize_input(module, args):
+            x = args[0]
+            key = tuple(id(v) for v in params.values())
+            if self._last[0] is not x or self._last[1] != key:
+                self._last = (x, key, self._quantize(x, params))
+            return (self._last[2], *args[1:])
+
+        return quantize_input
+
+    def _quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = self.args
+        if "input_global_scale" in params:  # NVFP4: group scales at run time, global static
+            gscale = params["input_global_scale"].to(x.device)
+            scale, zero_point = compute_dynamic_scales_and_zp(
+                value=x, args=args, module=None, global_scale=gscale
+            )
+            return fake_quantize(x, scale, zero_point, args, global_scale=gscale)
+        scale = params["input_scale"].to(x.device, x.dtype)
+        if args.symmetric:
+            return quantize_static(x, scale, args)
+        return fake_quantize(x, scale, params["input_zero_point"].to(x.device), args)
 
 
 class StaticCalibration:
     """Compresses each decoder layer's planned modules and adds their input scales."""
 
-    def __init__(self, source: ModelSource, plan: Plan, calibration: CalibrationSet, device: str):
+    def __init__(
+        self,
+        source: ModelSource,
+        plan: Plan,
+        calibration: CalibrationSet,
+        device: str,
+        cache: ActivationCache | None = None,
+        resumed: bool = False,
+    ):
+        """`resumed`: `cache` already holds the inputs of the first layer still to run."""
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
         if outside:
             raise LlmpressError(
                 f"static activation scales are computed inside decoder layers; {outside[0]} is "
                 "outside them: --ignore it"
             )
-        if plan.scheme.weights.type != "float" or plan.scheme.weights.num_bits != 8:
-            raise LlmpressError("static activations are supported for FP8 only so far")
         self.plan, self.device = plan, device
-        self.runner = LayerRunner(source, device)
-        self.states = self.runner.capture(calibration.samples)
         self.input_args = plan.scheme.input_activations
+        checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
+        dtype = compute_dtype(device, checkpoint_dtype)
+        self.runner = LayerRunner(source, device, dtype=dtype, cache=cache)
+        self.runner.capture(calibration.samples, hidden=not resumed)
+
+    @property
+    def generation(self) -> int:
+        return self.runner.cache.generation
+
+    def close(self) -> None:
+        self.runner.cache.close()
 
     def compress(
         self,
@@ -74,44 +179,51 @@ class StaticCalibration:
         """Layer `index`: observe its inputs, compress `weights` (by module name), run it
         compressed. `others`: the layer's remaining tensors (norms...), by full name."""
         read = {**others, **{f"{name}.weight": w for name, w in weights.items()}}
-        layer = self.runner.load_layer(index, read)
+        self.runner.load_layer(index, read)
         modules = self.runner.modules
-        ranges = {name: _InputRange() for name in weights}
-        hooks = [modules[n].register_forward_pre_hook(r) for n, r in ranges.items()]
+        ranges = _InputRanges(list(weights))
+        hooks = [modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]
         try:
-            self.runner.forward_layer(index, self.states, update=False)
+            self.runner.forward_layer(index, update=False)
         finally:
             for hook in hooks:
                 hook.remove()
         packed = compress_layer(
             weights, self.plan.scheme, self.plan.fused, observer, self.device, layout
         )
-        scales = {}
         for name, state in packed.items():
-            scale, zero_point = calculate_qparams(
-                ranges[name].lo.reshape(1), ranges[name].hi.reshape(1), self.input_args
-            )
-            dtype = weights[name].dtype
-            scales[name] = (scale.to(dtype), zero_point)
-            state["input_scale"] = scale.to(dtype).reshape(1)
-        # Run the layer as it will be served, so the next layer sees its real inputs.
+            state.update(self._input_params(name, ranges, weights[name].dtype))
+        self._run_compressed(index, packed)
+        return packed
+
+    def _input_params(
+        self, name: str, ranges: _InputRanges, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """The stored tensors of module `name`'s input quantization."""
+        fused = tuple(m for m in self.plan.fused.get(name, (name,)) if m in ranges.lo)
+        lo, hi = ranges.shared(fused)
+        args = self.input_args
+        if args.strategy == QuantizationStrategy.TENSOR_GROUP:
+            return {"input_global_scale": generate_gparam(lo, hi).reshape(1)}
+        scale, zero_point = calculate_qparams(lo, hi, args)
+        params = {"input_scale": scale.to(dtype).reshape(1)}
+        if not args.symmetric:
+            params["input_zero_point"] = zero_point.reshape(1)
+        return params
+
+    def _run_compressed(self, index: int, packed: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Run the layer as it will be served, so the next layer sees its real inputs."""
+        modules = self.runner.modules
+        quantizer = _InputQuantizer(self.input_args)
         hooks = []
         for name, state in packed.items():
             module = modules[name]
-            module.weight.data = _dequantized(state, weights[name].dtype).to(self.device)
-            scale, zero_point = scales[name]
-
-            def quantize_input(mod, args, scale=scale, zero_point=zero_point):
-                x = args[0]
-                q = fake_quantize(x, scale.to(x.device), zero_point, self.input_args)
-                return (q, *args[1:])
-
-            hooks.append(module.register_forward_pre_hook(quantize_input))
+            module.weight.data = dequantized_weight(state, self.plan.scheme, module.weight.dtype)
+            params = {k: v for k, v in state.items() if k.startswith("input_")}
+            hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
         try:
-            self.runner.forward_layer(index, self.states)
+            self.runner.forward_layer(index)
         finally:
             for hook in hooks:
                 hook.remove()
         self.runner.unload_layer(index)
-        del layer
-        return packed

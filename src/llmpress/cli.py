@@ -82,6 +82,16 @@ def main() -> None:
 @click.option("--num-samples", type=int, default=None, help="Calibration samples (default 128).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sample at most (default 512).")
 @click.option("--seed", type=int, default=None, help="Sample selection seed (default 0).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted calibrated run of this command from its last finished layer.",
+)
+@click.option(
+    "--max-memory",
+    default=None,
+    help="Calibration activations held in memory (e.g. 2GB); the rest spill to disk.",
+)
 def compress(
     model,
     output,
@@ -100,6 +110,8 @@ def compress(
     num_samples,
     seq_len,
     seed,
+    resume,
+    max_memory,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -140,6 +152,8 @@ def compress(
         seq_len=seq_len,
         seed=seed,
         progress=not quiet,
+        resume=resume,
+        max_memory=None if max_memory is None else _size(max_memory),
     )
     click.echo(
         f"wrote {result.output} — {result.quantized_modules} layers quantized, "

@@ -8,6 +8,10 @@ and returns its input unchanged, so one cheap forward per sample yields every la
 arguments without tracing. Then each layer is materialized from the checkpoint, run on each
 sample's hidden states (hooks on its modules see their inputs), handed to the caller to
 compress, run again to give the next layer its inputs, and freed.
+
+Samples of equal length run together in batches of about `BATCH_TOKENS` tokens (never
+padded, so padding cannot pollute statistics); the hidden states between layers live in an
+`ActivationCache`, which bounds their memory and keeps them on disk for resumed runs.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmpress.activations import ActivationCache
 from llmpress.errors import LlmpressError
 from llmpress.source import ModelSource
+
+# Tokens per calibration batch: large enough that matrix products dominate Python overhead,
+# small enough that a layer's temporaries (MLP activations, attention scores) stay modest.
+BATCH_TOKENS = 4096
 
 
 class _Stop(Exception):
@@ -45,11 +54,24 @@ class _Catcher(nn.Module):
 
 
 @dataclass
-class SampleState:
-    """One sample between layers: its hidden states and each layer's call arguments."""
+class Batch:
+    """Samples of one length run together: which ones, and each layer's call arguments."""
 
-    hidden: torch.Tensor
+    samples: list[int]
     calls: dict[int, dict[str, Any]] = field(repr=False)
+
+
+def batches_of(lengths: list[int], max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """Sample indices grouped by length, in order of first appearance, at most `max_tokens`
+    tokens (or one sample) per batch."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    out = []
+    for n, indices in by_length.items():
+        size = max(1, max_tokens // n)
+        out.extend(indices[i : i + size] for i in range(0, len(indices), size))
+    return out
 
 
 @contextlib.contextmanager
@@ -84,12 +106,22 @@ def _set_parameters(module: nn.Module, tensors: dict[str, torch.Tensor], prefix:
 class LayerRunner:
     """Holds the model skeleton and the samples' states as the layers go by."""
 
-    def __init__(self, source: ModelSource, device: str = "cpu"):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        cache: ActivationCache | None = None,
+    ):
+        """`dtype`: compute in it (None: the checkpoint's own); `cache`: where hidden states
+        live between layers (default: all in memory)."""
         if source.layer_prefix is None:
             raise LlmpressError(f"{source.path}: no decoder layers found to run layer by layer")
         from transformers import AutoModelForCausalLM
 
-        self.source, self.device = source, device
+        self.source, self.device, self.dtype = source, device, dtype
+        self.cache = cache if cache is not None else ActivationCache()
+        self.batches: list[Batch] = []
         with parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(source.config).eval()
         self.modules = dict(self.model.named_modules())
@@ -119,28 +151,39 @@ class LayerRunner:
             if value is not None
         ]
         tensors = self.source.read([k for k in keys if k in self.source.tensor_entries])
-        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        tensors = {k: self._placed(v) for k, v in tensors.items()}
         for name, module in wanted.items():
             _set_parameters(module, tensors, f"{name}." if name else "")
 
+    def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)
+        return tensor.to(self.dtype) if self.dtype and tensor.is_floating_point() else tensor
+
     @torch.inference_mode()
-    def capture(self, samples: list[torch.Tensor]) -> list[SampleState]:
-        """Each sample's input to layer 0 and the arguments every layer is called with."""
+    def capture(self, samples: list[torch.Tensor], hidden: bool = True) -> list[Batch]:
+        """Batch the samples; record the arguments every layer is called with, and (with
+        `hidden`) each batch's input to layer 0 as the cache's first generation. A resumed run
+        passes hidden=False: its cache already holds a later generation."""
         real = list(self.layers)
-        states = []
+        self.batches = []
         try:
-            for sample in samples:
+            for i, members in enumerate(batches_of([len(s) for s in samples])):
                 calls: dict[Any, Any] = {}
-                for i in range(len(real)):
-                    self.layers[i] = _Catcher(i, calls, last=i == len(real) - 1)
+                for j in range(len(real)):
+                    self.layers[j] = _Catcher(j, calls, last=j == len(real) - 1)
+                ids = torch.stack([samples[k] for k in members]).to(self.device)
                 with contextlib.suppress(_Stop):
-                    self.model(sample.unsqueeze(0).to(self.device), use_cache=False)
-                hidden = calls.pop("hidden_states")
-                states.append(SampleState(hidden, calls))
+                    self.model(ids, use_cache=False)
+                states = calls.pop("hidden_states")
+                if hidden:
+                    self.cache.put(i, states)
+                self.batches.append(Batch(members, calls))
         finally:
-            for i, layer in enumerate(real):
-                self.layers[i] = layer
-        return states
+            for j, layer in enumerate(real):
+                self.layers[j] = layer
+        if hidden:
+            self.cache.advance()
+        return self.batches
 
     def load_layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Layer `index` with its checkpoint weights, on the compute device; `tensors`: the
@@ -150,7 +193,7 @@ class LayerRunner:
         if tensors is None:
             names = [n for n in self.source.tensor_entries if n.startswith(prefix)]
             tensors = self.source.read(names)
-        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        tensors = {k: self._placed(v) for k, v in tensors.items()}
         for name, module in layer.named_modules():
             _set_parameters(module, tensors, f"{prefix}{name}." if name else prefix)
         return layer
@@ -159,28 +202,37 @@ class LayerRunner:
         self.layers[index].to("meta")
 
     @torch.inference_mode()
-    def forward_layer(self, index: int, states: list[SampleState], update: bool = True) -> None:
-        """Run layer `index` on every sample; `update`: its output becomes the hidden states
-        (False: a pass for hooks to observe)."""
+    def forward_layer(self, index: int, update: bool = True) -> None:
+        """Run layer `index` on every batch; `update`: its outputs become the next
+        generation of hidden states (False: a pass for hooks to observe)."""
         layer = self.layers[index]
-        for state in states:
-            out = layer(state.hidden, **state.calls[index])
+        for i, batch in enumerate(self.batches):
+            out = layer(self.cache.get(i), **batch.calls[index])
             if update:
-                state.hidden = out[0] if isinstance(out, tuple) else out
+                self.cache.put(i, out[0] if isinstance(out, tuple) else out)
+        if update:
+            self.cache.advance()
+
+    def hidden_states(self) -> list[torch.Tensor]:
+        """The current hidden states, one [1, length, hidden] tensor per sample, in order."""
+        out: dict[int, torch.Tensor] = {}
+        for i, batch in enumerate(self.batches):
+            states = self.cache.get(i)
+            out.update((k, states[j : j + 1]) for j, k in enumerate(batch.samples))
+        return [out[k] for k in sorted(out)]
 
     def run(
         self,
         samples: list[torch.Tensor],
-        on_layer: Callable[[int, nn.Module, list[SampleState]], None] | None = None,
+        on_layer: Callable[[int, nn.Module], None] | None = None,
     ) -> Iterator[tuple[int, nn.Module]]:
         """Yield each materialized layer after `on_layer` (observe, compress) and before its
         output becomes the next layer's input."""
-        states = self.capture(samples)
+        self.capture(samples)
         for index in range(len(self.layers)):
             layer = self.load_layer(index)
             if on_layer is not None:
-                on_layer(index, layer, states)
+                on_layer(index, layer)
             yield index, layer
-            self.forward_layer(index, states)
+            self.forward_layer(index)
             self.unload_layer(index)
-        self.states = states

@@ -38,13 +38,21 @@ class ShardFile:
     space when the shard is closed. Readers see an ordinary safetensors file.
     """
 
-    def __init__(self, path: Path, header_reserve: int) -> None:
+    def __init__(
+        self, path: Path, header_reserve: int, resume: tuple[dict, int] | None = None
+    ) -> None:
+        """`resume`: (entries, size) a journal recorded; the file is cut back to them."""
         self.path = path
         self.reserve = -(-header_reserve // 8) * 8  # data starts 8-byte aligned
         self.entries: dict[str, dict] = {}
         self.size = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.seek(8 + self.reserve)
+        if resume is None:
+            self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        else:
+            self.entries, self.size = resume
+            self._file = open(path, "r+b")  # noqa: SIM115 - closed in close()
+            self._file.truncate(8 + self.reserve + self.size)
+        self._file.seek(8 + self.reserve + self.size)
         # Writes run in a background thread (the GIL is released while the kernel copies),
         # overlapping the next layer's quantization; one batch in flight at a time.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-write")
@@ -87,6 +95,11 @@ class ShardFile:
             "data_offsets": [start, self.size],
         }
 
+    def sync(self) -> None:
+        """Every byte written so far is in the file (for a journal)."""
+        self._drain()
+        self._file.flush()
+
     def close(self) -> None:
         try:
             self._drain()
@@ -108,21 +121,63 @@ class ShardFile:
         self._file.close()
 
 
+# Inside the partial directory: the journal and spilled activations of a calibrated run.
+RESUME_DIR = ".resume"
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where a checkpoint is assembled before it is renamed to `out_dir`."""
+    return out_dir.parent / f".{out_dir.name}.llmpress-partial"
+
+
 class CheckpointWriter:
     """Streams finished tensors into shards of at most `max_shard_size` bytes."""
 
-    def __init__(self, out_dir: Path, max_shard_size: int, input_names: list[str]) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        max_shard_size: int,
+        input_names: list[str],
+        resume: dict | None = None,
+    ) -> None:
+        """`resume`: a journal's record of `state()`; the partial directory is kept and
+        writing continues where that state left off."""
         self.out_dir = out_dir
-        self.tmp_dir = out_dir.parent / f".{out_dir.name}.llmpress-partial"
+        self.tmp_dir = partial_dir(out_dir)
         self.max_shard_size = max_shard_size
-        # Each input tensor becomes at most four outputs (packed, scale, shape, zero point).
-        self.header_reserve = 64 + 4 * sum(len(n) + 16 + _ENTRY_BYTES for n in input_names)
+        # Each input tensor becomes at most five outputs (packed, scale, shape, zero point,
+        # input scale).
+        self.header_reserve = 64 + 5 * sum(len(n) + 16 + _ENTRY_BYTES for n in input_names)
         self._shard: ShardFile | None = None
         self._shards: list[tuple[str, list[str]]] = []
         self.bytes_written = 0
+        if resume is not None:
+            self._shards = [(name, keys) for name, keys in resume["shards"]]
+            self.bytes_written = resume["bytes_written"]
+            keep = {name for name, _ in self._shards}
+            if resume["open"] is not None:
+                name, entries, size = resume["open"]
+                self._shard = ShardFile(self.tmp_dir / name, self.header_reserve, (entries, size))
+                keep.add(name)
+            for stray in self.tmp_dir.glob("part-*.safetensors"):  # begun after the journal
+                if stray.name not in keep:
+                    stray.unlink()
+            return
         if self.tmp_dir.exists():  # left by a run that was killed before it could clean up
             shutil.rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
+
+    def state(self) -> dict:
+        """What a journal needs to continue this writer later; all bytes so far are in files."""
+        shard = self._shard
+        if shard is not None:
+            with _disk_errors(self.tmp_dir):
+                shard.sync()
+        return {
+            "shards": self._shards,
+            "open": None if shard is None else [shard.path.name, shard.entries, shard.size],
+            "bytes_written": self.bytes_written,
+        }
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = tensor_bytes(tensors)
@@ -164,6 +219,7 @@ class CheckpointWriter:
         here: re-reading a large checkpoint to hash it costs as long as quantizing it.)
         """
         self._close_shard()
+        shutil.rmtree(self.tmp_dir / RESUME_DIR, ignore_errors=True)
         with _disk_errors(self.tmp_dir):
             final_names = self._name_shards()
             for src in files:

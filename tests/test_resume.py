@@ -1,0 +1,103 @@
+"""Interrupted calibrated runs: the journal, `--resume`, and spilled activations.
+
+A run is killed (SIGKILL, nothing to clean up) midway through the layers; resuming it must
+give the same bytes as a run that was never interrupted, with several shards so the cut falls
+inside one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llmpress import compress
+from llmpress.errors import LlmpressError
+from llmpress.writer import RESUME_DIR, partial_dir
+
+ARGS = dict(dataset="pydoc-calibration", num_samples=16, seq_len=64, seed=0)
+SHARD = 4 * 10**6
+LAYERS = 16
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokenized_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "fp8"
+    compress(str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS)
+    return out
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _kill_midway(tokenized_llama, out, after_layers: int) -> dict:
+    """Start the CLI, SIGKILL it once the journal lists `after_layers` finished layers."""
+    command = [
+        sys.executable, "-m", "llmpress.cli", "compress", str(tokenized_llama), "-o", str(out),
+        "--scheme", "FP8", "--dataset", ARGS["dataset"], "--num-samples",
+        str(ARGS["num_samples"]), "--seq-len", str(ARGS["seq_len"]), "--quiet",
+        "--max-shard-size", str(SHARD),
+    ]  # fmt: skip
+    journal = partial_dir(out) / RESUME_DIR / "journal.json"
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    record = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                record = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                record = None
+            if record and record["layers_done"] >= after_layers:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    return record
+
+
+def test_killed_then_resumed_equals_uninterrupted(tokenized_llama, uninterrupted, tmp_path):
+    out = tmp_path / "fp8"
+    record = _kill_midway(tokenized_llama, out, after_layers=4)
+    assert 4 <= record["layers_done"] < LAYERS
+    assert not out.exists() and partial_dir(out).exists()
+
+    # Running the same command again without --resume would silently throw the work away.
+    with pytest.raises(LlmpressError, match="--resume to continue"):
+        compress(str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS)
+    # Other settings cannot continue this output.
+    with pytest.raises(LlmpressError, match="other settings .*options"):
+        compress(
+            str(tokenized_llama), str(out), "FP8", progress=False, resume=True, observer="mse", **ARGS
+        )
+
+    compress(
+        str(tokenized_llama), str(out), "FP8", progress=False, resume=True, max_shard_size=SHARD, **ARGS
+    )
+    assert _files(out) == _files(uninterrupted)
+    assert len(list(out.glob("*.safetensors"))) > 2
+    assert not partial_dir(out).exists()
+
+
+def test_activations_spilled_to_disk_give_the_same_bytes(tokenized_llama, uninterrupted, tmp_path):
+    out = tmp_path / "fp8"
+    compress(
+        str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, max_memory=0, **ARGS
+    )
+    assert _files(out) == _files(uninterrupted)
+
+
+def test_resume_without_an_interrupted_run_runs_normally(tokenized_llama, uninterrupted, tmp_path):
+    out = tmp_path / "fp8"
+    compress(
+        str(tokenized_llama), str(out), "FP8", progress=False, resume=True, max_shard_size=SHARD, **ARGS
+    )
+    assert _files(out) == _files(uninterrupted)

@@ -42,6 +42,10 @@ DESCRIPTIONS: dict[str, str] = {
 # Schemes with static activation scales: compress needs calibration text (--dataset).
 CALIBRATED: dict[str, str] = {
     "FP8": "fp8 e4m3 weights per tensor; fp8 activations per tensor, static scale (--dataset)",
+    "W8A8_STATIC": "int8 weights per channel; int8 activations per tensor, static scale "
+    "(--dataset)",
+    "NVFP4": "NVFP4 weights; fp4 activations, group 16 at run time under a static global "
+    "scale (--dataset)",
 }
 DATA_FREE = dict(DESCRIPTIONS)
 DESCRIPTIONS.update(CALIBRATED)
@@ -68,6 +72,19 @@ def _int_weight_only(num_bits: int) -> dict:
     }
 
 
+def _int8_static() -> dict:
+    """W8A8 with one static, symmetric input scale per tensor (vLLM's static int8 path)."""
+    args = preset_args("W8A8")
+    args["input_activations"] = QuantizationArgs(
+        num_bits=8,
+        type=QuantizationType.INT,
+        strategy=QuantizationStrategy.TENSOR,
+        symmetric=True,
+        dynamic=False,
+    )
+    return args
+
+
 def scheme_names() -> list[str]:
     return list(DESCRIPTIONS)
 
@@ -84,6 +101,8 @@ def preset_args(name: str) -> dict:
             f"unknown scheme {name!r}; choose one of {', '.join(DESCRIPTIONS)} "
             "(`llmpress schemes` describes each)"
         )
+    if key == "W8A8_STATIC":
+        return _int8_static()
     ct_key = _CT_NAMES.get(key, key)
     if ct_key in PRESET_SCHEMES:
         preset = PRESET_SCHEMES[ct_key]

@@ -2,17 +2,19 @@
 
 The model is built on the meta device; only the modules outside the decoder layers
 (embeddings, rotary tables, final norm) and one decoder layer at a time hold real weights.
-Every decoder layer is first replaced by a catcher that records the arguments the model passes
-it (attention masks, position embeddings, per layer type where layers differ, as in Gemma3)
-and returns its input unchanged, so one cheap forward per sample yields every layer's call
-arguments without tracing. Then each layer is materialized from the checkpoint, run on each
-sample's hidden states (hooks on its modules see their inputs), handed to the caller to
-compress, run again to give the next layer its inputs, and freed.
+Every decoder layer (or encoder layer, as in BERT) is first replaced by a catcher that records
+the arguments the model passes it (attention masks, position embeddings, per layer type where
+layers differ, as in Gemma3; positional ones by name) and returns its input unchanged, so one
+cheap forward per sample yields every layer's call arguments without tracing. Then each layer
+is materialized from the checkpoint, run on each sample's hidden states (hooks on its modules
+see their inputs), handed to the caller to compress, run again to give the next layer its
+inputs, and freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,22 +23,44 @@ import torch
 from torch import nn
 
 from llmpress.errors import LlmpressError
-from llmpress.source import ModelSource
+from llmpress.source import ModelSource, build_model
 
 
 class _Stop(Exception):
     """Raised by the last catcher: nothing after the decoder layers needs to run."""
 
 
+def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A layer's call arguments after hidden_states, all by name, so that they can be replayed
+    as keywords: BERT's encoder passes the attention mask (and encoder states) positionally."""
+    if not args:
+        return kwargs
+    bound = signature.bind(None, *args, **kwargs)  # None: hidden_states, bound and dropped
+    named: dict[str, Any] = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise LlmpressError(f"layers called with extra positional arguments (*{name})")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif i > 0:
+            named[name] = value
+    return named
+
+
 class _Catcher(nn.Module):
-    def __init__(self, index: int, calls: dict[int, dict[str, Any]], last: bool):
+    def __init__(
+        self,
+        index: int,
+        calls: dict[int, dict[str, Any]],
+        last: bool,
+        signature: inspect.Signature,
+    ):
         super().__init__()
-        self.index, self.calls, self.last = index, calls, last
+        self.index, self.calls, self.last, self.signature = index, calls, last, signature
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise LlmpressError("decoder layers called with positional arguments are not supported")
-        self.calls[self.index] = kwargs
+        self.calls[self.index] = _by_name(self.signature, args, kwargs)
         if self.index == 0:
             self.calls["hidden_states"] = hidden_states
         if self.last:
@@ -87,11 +111,9 @@ class LayerRunner:
     def __init__(self, source: ModelSource, device: str = "cpu"):
         if source.layer_prefix is None:
             raise LlmpressError(f"{source.path}: no decoder layers found to run layer by layer")
-        from transformers import AutoModelForCausalLM
-
         self.source, self.device = source, device
         with parameters_on_meta():
-            self.model = AutoModelForCausalLM.from_config(source.config).eval()
+            self.model = build_model(source.config).eval()
         self.modules = dict(self.model.named_modules())
         self.layers: nn.ModuleList = self.modules[source.layer_prefix]
         self._materialize_outside_layers()
@@ -124,17 +146,27 @@ class LayerRunner:
             _set_parameters(module, tensors, f"{name}." if name else "")
 
     @torch.inference_mode()
-    def capture(self, samples: list[torch.Tensor]) -> list[SampleState]:
-        """Each sample's input to layer 0 and the arguments every layer is called with."""
+    def capture(
+        self, samples: list[torch.Tensor], attention_masks: list[torch.Tensor] | None = None
+    ) -> list[SampleState]:
+        """Each sample's input to layer 0 and the arguments every layer is called with.
+
+        `attention_masks`: one 0/1 mask per sample (1: a real token), for padded samples; the
+        model turns it into each layer's attention mask as it would in a batch."""
         real = list(self.layers)
+        signatures = [inspect.signature(layer.forward) for layer in real]
+        masks = attention_masks or [None] * len(samples)
         states = []
         try:
-            for sample in samples:
+            for sample, mask in zip(samples, masks, strict=True):
                 calls: dict[Any, Any] = {}
                 for i in range(len(real)):
-                    self.layers[i] = _Catcher(i, calls, last=i == len(real) - 1)
+                    self.layers[i] = _Catcher(i, calls, i == len(real) - 1, signatures[i])
+                inputs = {"use_cache": False}
+                if mask is not None:
+                    inputs["attention_mask"] = mask.unsqueeze(0).to(self.device)
                 with contextlib.suppress(_Stop):
-                    self.model(sample.unsqueeze(0).to(self.device), use_cache=False)
+                    self.model(sample.unsqueeze(0).to(self.device), **inputs)
                 hidden = calls.pop("hidden_states")
                 states.append(SampleState(hidden, calls))
         finally:

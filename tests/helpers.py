@@ -10,7 +10,7 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 
@@ -57,3 +57,19 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on the calibration text, for tiny models that ship none.
+    Special tokens `<unk>`, `<s>` (BOS), `</s>` (EOS) get ids 0, 1, 2, as in the tiny configs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from llmpress.evaluate.texts import load_text
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    bpe.train_from_iterator([load_text("pydoc-calibration")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

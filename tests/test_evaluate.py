@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from helpers import bpe_tokenizer
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint
@@ -127,13 +127,7 @@ def _model_with_own_tokenizer(folder) -> None:
     """A tiny Llama with a 400-token BPE vocabulary trained on the calibration text."""
     from transformers import LlamaConfig
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
-    bpe.train_from_iterator([load_text("pydoc-calibration")[:200_000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    tokenizer = bpe_tokenizer(400)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,

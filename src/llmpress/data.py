@@ -1,11 +1,12 @@
 """Calibration samples: token sequences chosen deterministically from a text source.
 
 Every document of the source is tokenized and cut into pieces of at most `seq_len` tokens
-(the tokenizer's BOS first, where it has one: models are trained to see it, and calibrating
-without it skews the statistics of the first positions, clearly so in Gemma's family). A
-document's tail shorter than a window stays a short sample, never padded, so no pad token
-enters the statistics. The pieces are shuffled with `seed` and the first `num_samples` kept.
-The sha256 of the chosen token ids is the set's fingerprint, recorded in the output.
+(the tokenizer's BOS first, where it has one, else an encoder's CLS: models are trained to
+see it, and calibrating without it skews the statistics of the first positions, clearly so in
+Gemma's family). A document's tail shorter than a window stays a short sample, never padded,
+so no pad token enters the statistics. The pieces are shuffled with `seed` and the first
+`num_samples` kept. The sha256 of the chosen token ids is the set's fingerprint, recorded in
+the output.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class CalibrationSet:
             "seed": self.seed,
             "sha256": self.fingerprint,
         }
+
+
+def start_token(tokenizer) -> int | None:
+    """The token every sample starts with: BOS, or for BERT-style encoders, which have none,
+    CLS (their inputs always start with it, and its position's statistics are its own)."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return getattr(tokenizer, "cls_token_id", None)
 
 
 def fingerprint(samples: list[torch.Tensor]) -> str:
@@ -151,8 +160,8 @@ def calibration_set(
         raise LlmpressError(f"--num-samples {num_samples}: ask for at least one sample")
     if seq_len < MIN_SAMPLE_TOKENS:
         raise LlmpressError(f"--seq-len {seq_len}: use at least {MIN_SAMPLE_TOKENS} tokens")
-    bos = tokenizer.bos_token_id
-    body = seq_len - (bos is not None)
+    first = start_token(tokenizer)
+    body = seq_len - (first is not None)
     pieces = [
         ids[start : start + body]
         for ids in documents(spec, tokenizer, column, split)
@@ -165,6 +174,6 @@ def calibration_set(
             f"ask for --num-samples {len(pieces)} or fewer, or give more text"
         )
     random.Random(seed).shuffle(pieces)
-    prefix = [] if bos is None else [bos]
+    prefix = [] if first is None else [first]
     samples = [torch.tensor(prefix + p, dtype=torch.int64) for p in pieces[:num_samples]]
     return CalibrationSet(samples, spec, seq_len, seed, fingerprint(samples))

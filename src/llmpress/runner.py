@@ -2,12 +2,13 @@
 
 The model is built on the meta device; only the modules outside the decoder layers
 (embeddings, rotary tables, final norm) and one decoder layer at a time hold real weights.
-Every decoder layer is first replaced by a catcher that records the arguments the model passes
-it (attention masks, position embeddings, per layer type where layers differ, as in Gemma3)
-and returns its input unchanged, so one cheap forward per sample yields every layer's call
-arguments without tracing. Then each layer is materialized from the checkpoint, run on each
-sample's hidden states (hooks on its modules see their inputs), handed to the caller to
-compress, run again to give the next layer its inputs, and freed.
+Every decoder layer (or encoder layer, as in BERT) is first replaced by a catcher that records
+the arguments the model passes it (attention masks, position embeddings, per layer type where
+layers differ, as in Gemma3; positional ones by name) and returns its input unchanged, so one
+cheap forward per sample yields every layer's call arguments without tracing. Then each layer
+is materialized from the checkpoint, run on each sample's hidden states (hooks on its modules
+see their inputs), handed to the caller to compress, run again to give the next layer its
+inputs, and freed.
 
 Samples of equal length run together in batches of about `BATCH_TOKENS` tokens (never
 padded, so padding cannot pollute statistics); the hidden states between layers live in an
@@ -17,6 +18,7 @@ padded, so padding cannot pollute statistics); the hidden states between layers 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,7 @@ from torch import nn
 
 from llmpress.activations import ActivationCache
 from llmpress.errors import LlmpressError
-from llmpress.source import ModelSource
+from llmpress.source import ModelSource, build_model
 
 # Tokens per calibration batch: large enough that matrix products dominate Python overhead,
 # small enough that a layer's temporaries (MLP activations, attention scores) stay modest.
@@ -37,15 +39,37 @@ class _Stop(Exception):
     """Raised by the last catcher: nothing after the decoder layers needs to run."""
 
 
+def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A layer's call arguments after hidden_states, all by name, so that they can be replayed
+    as keywords: BERT's encoder passes the attention mask (and encoder states) positionally."""
+    if not args:
+        return kwargs
+    bound = signature.bind(None, *args, **kwargs)  # None: hidden_states, bound and dropped
+    named: dict[str, Any] = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise LlmpressError(f"layers called with extra positional arguments (*{name})")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif i > 0:
+            named[name] = value
+    return named
+
+
 class _Catcher(nn.Module):
-    def __init__(self, index: int, calls: dict[int, dict[str, Any]], last: bool):
+    def __init__(
+        self,
+        index: int,
+        calls: dict[int, dict[str, Any]],
+        last: bool,
+        signature: inspect.Signature,
+    ):
         super().__init__()
-        self.index, self.calls, self.last = index, calls, last
+        self.index, self.calls, self.last, self.signature = index, calls, last, signature
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise LlmpressError("decoder layers called with positional arguments are not supported")
-        self.calls[self.index] = kwargs
+        self.calls[self.index] = _by_name(self.signature, args, kwargs)
         if self.index == 0:
             self.calls["hidden_states"] = hidden_states
         if self.last:
@@ -117,13 +141,11 @@ class LayerRunner:
         live between layers (default: all in memory)."""
         if source.layer_prefix is None:
             raise LlmpressError(f"{source.path}: no decoder layers found to run layer by layer")
-        from transformers import AutoModelForCausalLM
-
         self.source, self.device, self.dtype = source, device, dtype
         self.cache = cache if cache is not None else ActivationCache()
         self.batches: list[Batch] = []
         with parameters_on_meta():
-            self.model = AutoModelForCausalLM.from_config(source.config).eval()
+            self.model = build_model(source.config).eval()
         self.modules = dict(self.model.named_modules())
         self.layers: nn.ModuleList = self.modules[source.layer_prefix]
         self._materialize_outside_layers()
@@ -160,20 +182,33 @@ class LayerRunner:
         return tensor.to(self.dtype) if self.dtype and tensor.is_floating_point() else tensor
 
     @torch.inference_mode()
-    def capture(self, samples: list[torch.Tensor], hidden: bool = True) -> list[Batch]:
+    def capture(
+        self,
+        samples: list[torch.Tensor],
+        attention_masks: list[torch.Tensor] | None = None,
+        hidden: bool = True,
+    ) -> list[Batch]:
         """Batch the samples; record the arguments every layer is called with, and (with
         `hidden`) each batch's input to layer 0 as the cache's first generation. A resumed run
-        passes hidden=False: its cache already holds a later generation."""
+        passes hidden=False: its cache already holds a later generation.
+
+        `attention_masks`: one 0/1 mask per sample (1: a real token), for padded samples; the
+        model turns it into each layer's attention mask as it would in a batch."""
         real = list(self.layers)
+        signatures = [inspect.signature(layer.forward) for layer in real]
         self.batches = []
         try:
             for i, members in enumerate(batches_of([len(s) for s in samples])):
                 calls: dict[Any, Any] = {}
                 for j in range(len(real)):
-                    self.layers[j] = _Catcher(j, calls, last=j == len(real) - 1)
+                    self.layers[j] = _Catcher(j, calls, j == len(real) - 1, signatures[j])
                 ids = torch.stack([samples[k] for k in members]).to(self.device)
+                inputs: dict[str, Any] = {"use_cache": False}
+                if attention_masks is not None:
+                    mask = torch.stack([attention_masks[k] for k in members])
+                    inputs["attention_mask"] = mask.to(self.device)
                 with contextlib.suppress(_Stop):
-                    self.model(ids, use_cache=False)
+                    self.model(ids, **inputs)
                 states = calls.pop("hidden_states")
                 if hidden:
                     self.cache.put(i, states)

@@ -100,10 +100,11 @@ class ModelSource:
         tensor_files, tensor_entries = _index_tensors(path)
         with torch.device("meta"):
             try:
-                tree = AutoModelForCausalLM.from_config(config)
+                tree = build_model(config)
             except Exception as exc:
                 raise LlmpressError(
-                    f"transformers cannot build a causal LM from {path / 'config.json'}: {exc}"
+                    f"transformers cannot build {model_class(config).__name__} from "
+                    f"{path / 'config.json'}: {exc}"
                 ) from exc
         modules = dict(tree.named_modules())
         prefix, count = _decoder_layers(modules)
@@ -180,6 +181,28 @@ class ModelSource:
         return sorted(
             p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name)
         )
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The class the checkpoint was saved from (`architectures` in config.json), so that module
+    names are the tensor names: an encoder saved as `BertModel` holds `encoder.layer.*`, which
+    AutoModelForCausalLM would build as `bert.encoder.layer.*` under an LM head. A config that
+    names no class transformers has: the causal LM, as before."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return AutoModelForCausalLM
+
+
+def build_model(config: PretrainedConfig) -> torch.nn.Module:
+    """`model_class(config)` built from the config (on the current default device)."""
+    cls = model_class(config)
+    if cls is AutoModelForCausalLM:
+        return cls.from_config(config)
+    return cls._from_config(config)  # what every Auto*.from_config calls once it has the class
 
 
 def _quant_method(config: PretrainedConfig) -> str:

@@ -31,12 +31,13 @@ def _stored(checkpoint, name):
 
 
 def test_first_layer_scales_equal_an_independent_computation(smollm2, fp8_static):
-    # Layer 0's inputs do not depend on any quantization: hook the plain bf16 model.
+    # Layer 0's inputs do not depend on any quantization: hook the plain model, in float32 as
+    # calibration computes on the CPU.
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     samples = calibration_set(
         CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
     ).samples
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     layer = model.model.layers[0]
     names = {"self_attn.q_proj": layer.self_attn.q_proj, "mlp.down_proj": layer.mlp.down_proj}
     absmax = dict.fromkeys(names, 0.0)
@@ -93,3 +94,60 @@ def test_static_scheme_without_data_is_refused(smollm2, tmp_path):
     with pytest.raises(LlmpressError, match="static scales, computed from calibration text"):
         compress(str(smollm2), str(tmp_path / "x"), "FP8", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def first_layer_inputs(tokenized_llama):
+    """Layer 0's inputs (q/k/v, down_proj) for the calibration samples, from the plain float32
+    model: they depend on no quantization, so any static scheme's layer-0 scales derive from
+    them."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenized_llama)
+    samples = calibration_set(
+        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
+    ).samples
+    model = AutoModelForCausalLM.from_pretrained(tokenized_llama, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    modules = {"self_attn.q_proj": layer.self_attn.q_proj, "mlp.down_proj": layer.mlp.down_proj}
+    seen = {key: [] for key in modules}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, key=k: seen[key].append(args[0].flatten()))
+        for k, m in modules.items()
+    ]
+    with torch.inference_mode():
+        for sample in samples:
+            model(sample.unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    return {key: torch.cat(values) for key, values in seen.items()}
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_STATIC", "NVFP4"])
+def test_int8_and_nvfp4_static_scales_equal_an_independent_computation(
+    scheme, tokenized_llama, first_layer_inputs, tmp_path
+):
+    out = tmp_path / scheme
+    compress(str(tokenized_llama), str(out), scheme, progress=False, **CALIBRATION)
+    for key, inputs in first_layer_inputs.items():
+        absmax = float(inputs.abs().max())
+        if scheme == "W8A8_STATIC":  # symmetric int8: the largest magnitude maps to 127.5
+            stored = _stored(out, f"model.layers.0.{key}.input_scale")
+            expected = torch.tensor(absmax * 2 / 255).to(torch.bfloat16)
+            assert stored.dtype == torch.bfloat16 and stored.shape == (1,)
+        else:  # NVFP4: the global scale maps the largest magnitude to fp8 max x fp4 max
+            stored = _stored(out, f"model.layers.0.{key}.input_global_scale")
+            expected = torch.tensor(448.0 * 6.0 / absmax, dtype=torch.float32)
+            assert stored.dtype == torch.float32 and stored.shape == (1,)
+        assert torch.allclose(stored[0].float(), expected.float(), rtol=1e-6), key
+    # vLLM fuses q/k/v and gate/up: their input scales must be one.
+    suffix = "input_scale" if scheme == "W8A8_STATIC" else "input_global_scale"
+    for first, other in (
+        ("self_attn.q_proj", "self_attn.k_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ):
+        a = _stored(out, f"model.layers.5.{first}.{suffix}")
+        assert torch.equal(a, _stored(out, f"model.layers.5.{other}.{suffix}"))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    acts = config["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] == (False if scheme == "W8A8_STATIC" else "local")
+    report = evaluate_checkpoint(out, base=tokenized_llama, seq_len=64, windows=2, device="cpu")
+    assert report.quality.kl_divergence < 0.05  # loads in transformers, computes close

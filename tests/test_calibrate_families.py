@@ -14,7 +14,7 @@ import torch
 from conftest import FAMILIES
 from helpers import bpe_tokenizer, load_transformers, logits, relative_error, stored_modules
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
 from llmpress import compress
 from llmpress.data import calibration_set
@@ -106,11 +106,13 @@ def test_fp8_static_loads_stays_close_and_scales_every_linear(
 
     # Layer 0's inputs do not depend on any quantization: the plain model's, hooked, must give
     # its scales exactly (embedding scaling, norms and masks all as the family computes them).
+    # Calibration computes in float32 on the CPU, so the reference model does too.
     tokenizer = AutoTokenizer.from_pretrained(source)
     samples = calibration_set(str(calibration_text), tokenizer, **CALIBRATION).samples
     base = load_transformers(source, decompress=False)
+    fp32 = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     names = ["self_attn.qkv_proj" if family == "phi3" else "self_attn.q_proj", "mlp.down_proj"]
-    absmax = _first_layer_absmax(base, base.model.layers[0], names, samples)
+    absmax = _first_layer_absmax(fp32, fp32.model.layers[0], names, samples)
     stored = stored_modules(out)
     for name in names:
         expected = torch.tensor(absmax[name] / FP8_MAX).to(torch.bfloat16)

@@ -72,15 +72,29 @@ def test_killed_then_resumed_equals_uninterrupted(tokenized_llama, uninterrupted
 
     # Running the same command again without --resume would silently throw the work away.
     with pytest.raises(LlmpressError, match="--resume to continue"):
-        compress(str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS)
+        compress(
+            str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS
+        )
     # Other settings cannot continue this output.
     with pytest.raises(LlmpressError, match="other settings .*options"):
         compress(
-            str(tokenized_llama), str(out), "FP8", progress=False, resume=True, observer="mse", **ARGS
+            str(tokenized_llama),
+            str(out),
+            "FP8",
+            progress=False,
+            resume=True,
+            observer="mse",
+            **ARGS,
         )
 
     compress(
-        str(tokenized_llama), str(out), "FP8", progress=False, resume=True, max_shard_size=SHARD, **ARGS
+        str(tokenized_llama),
+        str(out),
+        "FP8",
+        progress=False,
+        resume=True,
+        max_shard_size=SHARD,
+        **ARGS,
     )
     assert _files(out) == _files(uninterrupted)
     assert len(list(out.glob("*.safetensors"))) > 2
@@ -90,7 +104,13 @@ def test_killed_then_resumed_equals_uninterrupted(tokenized_llama, uninterrupted
 def test_activations_spilled_to_disk_give_the_same_bytes(tokenized_llama, uninterrupted, tmp_path):
     out = tmp_path / "fp8"
     compress(
-        str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, max_memory=0, **ARGS
+        str(tokenized_llama),
+        str(out),
+        "FP8",
+        progress=False,
+        max_shard_size=SHARD,
+        max_memory=0,
+        **ARGS,
     )
     assert _files(out) == _files(uninterrupted)
 
@@ -98,6 +118,12 @@ def test_activations_spilled_to_disk_give_the_same_bytes(tokenized_llama, uninte
 def test_resume_without_an_interrupted_run_runs_normally(tokenized_llama, uninterrupted, tmp_path):
     out = tmp_path / "fp8"
     compress(
-        str(tokenized_llama), str(out), "FP8", progress=False, resume=True, max_shard_size=SHARD, **ARGS
+        str(tokenized_llama),
+        str(out),
+        "FP8",
+        progress=False,
+        resume=True,
+        max_shard_size=SHARD,
+        **ARGS,
     )
     assert _files(out) == _files(uninterrupted)

@@ -70,7 +70,6 @@ def test_capture_restores_the_layers(tiny_llama):
     assert runner.cache.get(0).shape == (1, 17, 256)
 
 
-
 # Which layers of the tiny models attend through a 64-token sliding window (conftest.FAMILIES);
 # the others attend causally to every earlier token.
 SLIDING = {"mistral": (True, True), "gemma3": (True, False)}

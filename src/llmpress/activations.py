@@ -22,6 +22,10 @@ from llmpress.source import SAFETENSORS_DTYPES
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
+# Batches queued for the disk at most; each holds its tensor until written.
+_WRITES_IN_FLIGHT = 2
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -82,6 +86,8 @@ class ActivationCache:
             self._next_shapes[index] = (list(tensor.shape), _DTYPE_NAMES[tensor.dtype])
             folder = self._folder(self.generation + 1)
             folder.mkdir(exist_ok=True)
+            while len(self._writes) >= _WRITES_IN_FLIGHT:  # a slow disk must not hoard batches
+                self._writes.pop(0).result()
             self._writes.append(self._writer.submit(_write, folder / f"{index:05d}.bin", tensor))
 
     def advance(self) -> int:

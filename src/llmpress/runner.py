@@ -28,6 +28,7 @@ from torch import nn
 
 from llmpress.activations import ActivationCache
 from llmpress.errors import LlmpressError
+from llmpress.memory import release_large_blocks_to_os
 from llmpress.source import ModelSource, build_model
 
 # Tokens per calibration batch: large enough that matrix products dominate Python overhead,
@@ -75,6 +76,31 @@ class _Catcher(nn.Module):
         if self.last:
             raise _Stop
         return hidden_states
+
+
+class _Shared:
+    """Call arguments equal across batches (rotary tables and masks of one length and batch
+    size) are kept once: for long calibration runs they would otherwise rival the hidden
+    states in size."""
+
+    def __init__(self):
+        self._seen: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            same = self._seen.setdefault((value.shape, value.dtype, value.device), [])
+            for known in same:
+                if known is value or torch.equal(known, value):
+                    return known
+            same.append(value)
+            return value
+        if isinstance(value, tuple):
+            return tuple(self(v) for v in value)
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        return value
 
 
 @dataclass
@@ -141,6 +167,7 @@ class LayerRunner:
         live between layers (default: all in memory)."""
         if source.layer_prefix is None:
             raise LlmpressError(f"{source.path}: no decoder layers found to run layer by layer")
+        release_large_blocks_to_os()  # freed batches and layers go back to the OS
         self.source, self.device, self.dtype = source, device, dtype
         self.cache = cache if cache is not None else ActivationCache()
         self.batches: list[Batch] = []
@@ -196,6 +223,7 @@ class LayerRunner:
         model turns it into each layer's attention mask as it would in a batch."""
         real = list(self.layers)
         signatures = [inspect.signature(layer.forward) for layer in real]
+        shared = _Shared()
         self.batches = []
         try:
             for i, members in enumerate(batches_of([len(s) for s in samples])):
@@ -212,7 +240,7 @@ class LayerRunner:
                 states = calls.pop("hidden_states")
                 if hidden:
                     self.cache.put(i, states)
-                self.batches.append(Batch(members, calls))
+                self.batches.append(Batch(members, shared(calls)))
         finally:
             for j, layer in enumerate(real):
                 self.layers[j] = layer

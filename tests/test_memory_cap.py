@@ -74,5 +74,6 @@ def test_the_memory_cap_holds(narrow_llama, tmp_path):
     assert capped["checksum"] == free["checksum"]  # spilled or not, the same numbers
     # Uncapped, the process holds the activations (a generation and part of the next).
     assert free["peak"] - base["peak"] > 0.9 * activations
-    # Capped, it holds at most the budget, plus batches in flight (1 MB each), layer temporaries and the token ids.
+    # Capped, it holds at most the budget, plus batches in flight (1 MB each), layer
+    # temporaries and the token ids.
     assert capped["peak"] - base["peak"] < budget + 12 * 10**6, capped["peak"] - base["peak"]

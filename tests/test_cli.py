@@ -79,3 +79,21 @@ def test_dry_run_fails_fast_on_a_plan_that_cannot_work(smollm2, tmp_path):
     proc = llmpress("compress", smollm2, "-o", tmp_path / "x", "--scheme", "W4A16", "--dry-run")
     assert proc.returncode == 2
     assert "group size 128 does not divide" in proc.stderr and "--group-size 64" in proc.stderr
+
+
+def test_dry_run_of_a_calibrated_scheme_shows_the_calibration_and_needs_data(
+    tokenized_llama, tmp_path
+):
+    out = tmp_path / "never"
+    proc = llmpress("compress", tokenized_llama, "-o", out, "--scheme", "FP8", "--dry-run")
+    assert proc.returncode == 2 and "give --dataset" in proc.stderr
+    proc = llmpress(
+        "compress", tokenized_llama, "-o", out, "--scheme", "FP8", "--dry-run",
+        "--dataset", "pydoc-calibration", "--num-samples", "64", "--max-memory", "10MB",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.iterdir())
+    assert "FP8 by rtn + static activation scales" in proc.stdout
+    # 64 x 512 tokens of 128-wide float32 hidden states, two generations: 33.6 MB.
+    assert "64 samples x 512 tokens at most from pydoc-calibration (seed 0)" in proc.stdout
+    assert "activations 34 MB, 10 MB of it in memory" in proc.stdout

@@ -114,8 +114,17 @@ BASELINE_RSS_BYTES = 450 * 10**6
 ESTIMATE_BYTES_PER_SECOND = 300 * 10**6
 
 
-def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
-    """What `run` would do, from headers and config alone: nothing is read or written."""
+# Rough float32 matrix rate of calibration forward passes on 2 CPU cores (BENCHMARKS.md).
+ESTIMATE_CALIBRATION_FLOPS = 60e9
+
+
+def dry_run(
+    model: str | os.PathLike, options: CompressOptions, max_memory: int | None = None
+) -> dict:
+    """What `run` would do, from headers and config alone: no weights are read, nothing is
+    written. Fails as `run` would on a plan that cannot work (a static scheme without data)."""
+    from llmpress.calibrate import needs_calibration
+
     source = ModelSource.open(model)
     plan = build_plan(source, options)
     kinds: dict[str, int] = {}
@@ -127,18 +136,45 @@ def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
         for g in source.tensors_by_layer()
     ]
     largest_two = sum(sorted(resident)[-2:])
+    seconds = source.total_bytes / ESTIMATE_BYTES_PER_SECOND
+    calibration = None
+    activation_bytes = 0
+    if needs_calibration(plan.scheme):
+        _require_dataset(options)
+        tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
+        hidden = getattr(source.config, "hidden_size", 0)
+        in_layers = sum(
+            source.nbytes(n) // source.tensor_entries[n].dtype.itemsize
+            for g in source.tensors_by_layer()
+            for n in g
+            if source.layer_of(n) is not None
+        )
+        # Two passes per layer (observe, then run compressed), 2 flops per weight and token.
+        seconds += 2 * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
+        generation = tokens * hidden * 4  # float32 hidden states
+        activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
+        calibration = {
+            "dataset": options.dataset,
+            "samples": options.num_samples,
+            "seq_len": options.seq_len,
+            "seed": options.seed,
+            "max_tokens": tokens,
+            "activation_bytes": 2 * generation,
+            "activation_bytes_in_memory": activation_bytes,
+        }
     return {
         "model": str(source.path),
         "scheme": options.scheme,
-        "algorithm": "rtn",
+        "algorithm": "rtn" if calibration is None else "rtn + static activation scales",
         "observer": options.observer,
         "quantized_modules": len(plan.modules),
         "modules_by_kind": kinds,
         "left_alone": list(plan.ignored),
         "input_bytes": source.total_bytes,
         "estimated_output_bytes": plan.estimated_output_bytes(source),
-        "estimated_peak_rss_bytes": BASELINE_RSS_BYTES + largest_two,
-        "estimated_seconds": round(source.total_bytes / ESTIMATE_BYTES_PER_SECOND, 1),
+        "estimated_peak_rss_bytes": BASELINE_RSS_BYTES + largest_two + activation_bytes,
+        "estimated_seconds": round(seconds, 1),
+        "calibration": calibration,
     }
 
 
@@ -246,17 +282,21 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
     )
 
 
+def _require_dataset(options: CompressOptions) -> None:
+    if options.dataset is None:
+        raise LlmpressError(
+            f"{options.scheme} quantizes activations with static scales, computed from "
+            "calibration text: give --dataset (e.g. pydoc-calibration, or a .txt/.jsonl file)"
+        )
+
+
 def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
 
     if not needs_calibration(plan.scheme):
         return None
-    if options.dataset is None:
-        raise LlmpressError(
-            f"{options.scheme} quantizes activations with static scales, computed from "
-            "calibration text: give --dataset (e.g. pydoc-calibration, or a .txt/.jsonl file)"
-        )
+    _require_dataset(options)
     from transformers import AutoTokenizer
 
     from llmpress.data import calibration_set

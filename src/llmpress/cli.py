@@ -131,8 +131,13 @@ def compress(
             device=device,
             max_shard_size=_size(max_shard_size),
             packing=packing,
+            dataset=dataset,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
         )
-        _print_plan(plan_only(model, options), output)
+        cap = None if max_memory is None else _size(max_memory)
+        _print_plan(plan_only(model, options, cap), output)
         return
 
     result = run(
@@ -174,6 +179,14 @@ def _print_plan(plan: dict, output: Path) -> None:
         shown = plan["left_alone"][:6]
         more = len(plan["left_alone"]) - len(shown)
         click.echo(f"  left alone: {', '.join(shown)}" + (f" and {more} more" if more else ""))
+    calibration = plan["calibration"]
+    if calibration:
+        click.echo(
+            f"  calibration: {calibration['samples']} samples x {calibration['seq_len']} tokens "
+            f"at most from {calibration['dataset']} (seed {calibration['seed']}); activations "
+            f"{calibration['activation_bytes'] / 1e6:,.0f} MB, "
+            f"{calibration['activation_bytes_in_memory'] / 1e6:,.0f} MB of it in memory"
+        )
     click.echo(
         f"  read {plan['input_bytes'] / 1e6:,.1f} MB, write about "
         f"{plan['estimated_output_bytes'] / 1e6:,.1f} MB"

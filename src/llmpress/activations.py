@@ -78,7 +78,7 @@ class ActivationCache:
         """`tensor` becomes entry `index` of the next generation; the current entry `index`
         has been read for the last time."""
         self._memory.pop(index, None)
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()  # host memory: the budget's unit
         held = sum(_nbytes(t) for t in self._next_memory.values())
         if self.budget is None or held + _nbytes(tensor) <= self.budget:
             self._next_memory[index] = tensor

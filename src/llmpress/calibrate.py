@@ -218,7 +218,8 @@ class StaticCalibration:
         hooks = []
         for name, state in packed.items():
             module = modules[name]
-            module.weight.data = dequantized_weight(state, self.plan.scheme, module.weight.dtype)
+            weight = dequantized_weight(state, self.plan.scheme, module.weight.dtype)
+            module.weight.data = weight.to(module.weight.device)
             params = {k: v for k, v in state.items() if k.startswith("input_")}
             hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
         try:

@@ -270,7 +270,7 @@ class LayerRunner:
         generation of hidden states (False: a pass for hooks to observe)."""
         layer = self.layers[index]
         for i, batch in enumerate(self.batches):
-            out = layer(self.cache.get(i), **batch.calls[index])
+            out = layer(self.cache.get(i).to(self.device), **batch.calls[index])
             if update:
                 self.cache.put(i, out[0] if isinstance(out, tuple) else out)
         if update:

@@ -54,13 +54,14 @@ def compress(
     num_samples: int | None = None,
     seq_len: int | None = None,
     seed: int | None = None,
+    kv_cache: str | None = None,
     progress: bool = True,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
 
     Data-free: weights are quantized by round-to-nearest with a min-max or MSE observer,
     one decoder layer at a time; the input is never modified and OUTPUT appears only when
-    complete.
+    complete. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache scales calibrated on `dataset`.
     """
     options = compress_options(
         scheme,
@@ -75,6 +76,7 @@ def compress(
         num_samples=num_samples,
         seq_len=seq_len,
         seed=seed,
+        kv_cache=kv_cache,
     )
     return run(model, Path(output), options, force=force, progress=progress)
 
@@ -115,6 +117,7 @@ def dry_run(model: str | os.PathLike, options: CompressOptions) -> dict:
     return {
         "model": str(source.path),
         "scheme": options.scheme,
+        "kv_cache": options.kv_cache,
         "algorithm": "rtn",
         "observer": options.observer,
         "quantized_modules": len(plan.modules),
@@ -183,12 +186,17 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
 
-    if not needs_calibration(plan.scheme):
+    if not needs_calibration(plan.scheme) and plan.kv_cache is None:
         return None
     if options.dataset is None:
+        what = (
+            f"{options.scheme} quantizes activations with static scales"
+            if needs_calibration(plan.scheme)
+            else f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
+        )
         raise LlmpressError(
-            f"{options.scheme} quantizes activations with static scales, computed from "
-            "calibration text: give --dataset (e.g. pydoc-calibration, or a .txt/.jsonl file)"
+            f"{what}, computed from calibration text: give --dataset (e.g. "
+            "pydoc-calibration, or a .txt/.jsonl file)"
         )
     from transformers import AutoTokenizer
 

@@ -76,8 +76,8 @@ def main() -> None:
 @click.option(
     "--dataset",
     default=None,
-    help="Calibration text for static-activation schemes (FP8): pydoc-calibration, a "
-    ".txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
+    help="Calibration text for static-activation schemes (FP8) and --kv-cache: "
+    "pydoc-calibration, a .txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
 )
 @click.option("--num-samples", type=int, default=None, help="Calibration samples (default 128).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sample at most (default 512).")

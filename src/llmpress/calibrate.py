@@ -58,7 +58,7 @@ def _dequantized(
     """A compressed weight back in `dtype`, as compressed-tensors decompresses it."""
     weight = state.get("weight")
     if weight is not None and weight.dtype == torch.float8_e4m3fn:
-        return (state["weight"].float() * state["weight_scale"].float()).to(dtype)
+        return (weight.float() * state["weight_scale"].float()).to(dtype)
     compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
     return compressor.decompress(state, scheme)["weight"].to(dtype)
 
@@ -74,7 +74,8 @@ def _hooked(hooks: list) -> Iterator[None]:
 
 
 class StaticCalibration:
-    """Compresses each decoder layer's planned modules and adds their input scales."""
+    """Compresses each decoder layer's planned modules and adds their input scales, and the
+    k/v scales of its attention with `--kv-cache`."""
 
     def __init__(self, source: ModelSource, plan: Plan, calibration: CalibrationSet, device: str):
         static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
@@ -131,7 +132,7 @@ class StaticCalibration:
             if quantize_input is not None:
                 hooks.append(module.register_forward_pre_hook(quantize_input))
         with _hooked(hooks):
-            if self.kv:
+            if self.kv is not None:
                 # What the compressed layer caches: observed, then stored in fp8 as the next
                 # layer's inputs are computed.
                 attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")

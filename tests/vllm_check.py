@@ -3,8 +3,9 @@
 vLLM's import, its process tree and its global patches (it replaces torch.set_num_threads)
 stay out of pytest. Both modes print one JSON object on a line of its own, prefixed by RESULT.
 
-  generate CHECKPOINT... --prompts-json FILE --max-tokens N
-      greedy token ids per prompt, served by vLLM's CPU build: {checkpoint: [[ids], ...]}
+  generate CHECKPOINT... --prompts-json FILE --max-tokens N [--attention]
+      greedy token ids per prompt, served by vLLM's CPU build: {checkpoint: [[ids], ...]};
+      with --attention {checkpoint: {"tokens": [[ids], ...], "attention": {layer: {...}}}}
   schemes CHECKPOINT... [--capability 9.0]
       the CompressedTensorsScheme vLLM picks for each quantized Linear, without a GPU:
       {checkpoint: {vllm_layer: scheme class name or "ERROR: message"}}
@@ -32,8 +33,11 @@ KV_CACHE_BYTES = 256 * 2**20  # ~11k tokens for SmolLM2; the default would size 
 MARK = "RESULT "
 
 
-def generate(checkpoints: list[str], prompts: list[Any], max_tokens: int) -> dict[str, Any]:
-    """Greedy decoding; one LLM at a time, all prompts batched. Prompts: str or token ids."""
+def generate(
+    checkpoints: list[str], prompts: list[Any], max_tokens: int, attention: bool = False
+) -> dict[str, Any]:
+    """Greedy decoding; one LLM at a time, all prompts batched. Prompts: str or token ids.
+    `attention`: also what each attention layer holds once loaded, {"tokens", "attention"}."""
     import gc
 
     from vllm import LLM, SamplingParams
@@ -53,9 +57,27 @@ def generate(checkpoints: list[str], prompts: list[Any], max_tokens: int) -> dic
         )
         results = llm.generate(inputs, params, use_tqdm=False)
         out[checkpoint] = [list(r.outputs[0].token_ids) for r in results]
+        if attention:
+            (layers,) = llm.apply_model(_attention_layers)
+            out[checkpoint] = {"tokens": out[checkpoint], "attention": layers}
         del llm
         gc.collect()
     return out
+
+
+def _attention_layers(model: Any) -> dict[str, dict[str, Any]]:
+    """Each attention layer's KV-cache dtype and the k/v scales its kernels use."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return {
+        name: {
+            "kv_cache_dtype": module.kv_cache_dtype,
+            "k_scale": module._k_scale_float,
+            "v_scale": module._v_scale_float,
+        }
+        for name, module in model.named_modules()
+        if isinstance(module, Attention)
+    }
 
 
 def _pretend_gpu(capability: str) -> None:
@@ -228,6 +250,7 @@ def main() -> None:
     gen.add_argument("checkpoints", nargs="+")
     gen.add_argument("--prompts-json", type=Path, required=True)
     gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--attention", action="store_true", help="also report attention layers")
     sch = modes.add_parser("schemes")
     sch.add_argument("checkpoints", nargs="+")
     sch.add_argument("--capability", default="9.0", help="GPU to decide for; 9.0 = H100/H200")
@@ -236,7 +259,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     if args.mode == "generate":
         prompts = json.loads(args.prompts_json.read_text())
-        result: Any = generate(args.checkpoints, prompts, args.max_tokens)
+        result: Any = generate(args.checkpoints, prompts, args.max_tokens, args.attention)
     else:
         result = schemes(args.checkpoints, args.capability)
     print(MARK + json.dumps(result), flush=True)

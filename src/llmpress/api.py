@@ -23,6 +23,7 @@ from llmpress.journal import Journal
 from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import CompressOptions, Plan, build_plan
 from llmpress.quantize import check_finite, compress_layer
+from llmpress.schemes import CALIBRATED
 from llmpress.source import ModelSource
 from llmpress.writer import RESUME_DIR, CheckpointWriter, partial_dir
 
@@ -57,6 +58,7 @@ def compress(
     num_samples: int | None = None,
     seq_len: int | None = None,
     seed: int | None = None,
+    kv_cache: str | None = None,
     progress: bool = True,
     resume: bool = False,
     max_memory: int | None = None,
@@ -67,7 +69,8 @@ def compress(
     layer at a time; schemes with static activation scales run calibration text (`dataset`)
     through the layers. The input is never modified and OUTPUT appears only when complete;
     `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
-    calibration activations held in memory.
+    calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
+    scales calibrated on `dataset`.
     """
     options = compress_options(
         scheme,
@@ -82,6 +85,7 @@ def compress(
         num_samples=num_samples,
         seq_len=seq_len,
         seed=seed,
+        kv_cache=kv_cache,
     )
     return run(
         model,
@@ -139,7 +143,8 @@ def dry_run(
     seconds = source.total_bytes / ESTIMATE_BYTES_PER_SECOND
     calibration = None
     activation_bytes = 0
-    if needs_calibration(plan.scheme):
+    static = needs_calibration(plan.scheme)
+    if static or plan.kv_cache is not None:
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
         hidden = getattr(source.config, "hidden_size", 0)
@@ -149,8 +154,10 @@ def dry_run(
             for n in g
             if source.layer_of(n) is not None
         )
-        # Two passes per layer (observe, then run compressed), 2 flops per weight and token.
-        seconds += 2 * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
+        # Passes per layer: observe inputs (static scales), observe the KV cache, run
+        # compressed; 2 flops per weight and token.
+        passes = 1 + static + (plan.kv_cache is not None)
+        seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         generation = tokens * hidden * 4  # float32 hidden states
         activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
         calibration = {
@@ -165,7 +172,8 @@ def dry_run(
     return {
         "model": str(source.path),
         "scheme": options.scheme,
-        "algorithm": "rtn" if calibration is None else "rtn + static activation scales",
+        "kv_cache": options.kv_cache,
+        "algorithm": "rtn + static activation scales" if static else "rtn",
         "observer": options.observer,
         "quantized_modules": len(plan.modules),
         "modules_by_kind": kinds,
@@ -284,9 +292,14 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
 
 def _require_dataset(options: CompressOptions) -> None:
     if options.dataset is None:
+        what = (
+            f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
+            if options.kv_cache and options.scheme.upper() not in CALIBRATED
+            else f"{options.scheme} quantizes activations with static scales"
+        )
         raise LlmpressError(
-            f"{options.scheme} quantizes activations with static scales, computed from "
-            "calibration text: give --dataset (e.g. pydoc-calibration, or a .txt/.jsonl file)"
+            f"{what}, computed from calibration text: give --dataset (e.g. "
+            "pydoc-calibration, or a .txt/.jsonl file)"
         )
 
 
@@ -294,7 +307,7 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
 
-    if not needs_calibration(plan.scheme):
+    if not needs_calibration(plan.scheme) and plan.kv_cache is None:
         return None
     _require_dataset(options)
     from transformers import AutoTokenizer

@@ -7,7 +7,8 @@ all samples give the scale, by compressed-tensors' `calculate_qparams` (`generat
 NVFP4's global scale), as for weights. Modules vLLM fuses into one GEMM (q/k/v, gate/up) read
 the same input and get one shared range. The layer is then run again *compressed*
 (dequantized weights, quantized inputs), so the next layer calibrates on what it will see at
-inference.
+inference. With `--kv-cache` (any weight scheme), a pass in between runs the compressed layer
+and observes what each attention caches (llmpress.kvcache); the last pass stores that in fp8.
 
 On the CPU the layers are computed in float32: without native 16-bit matrix units the CPU
 runs float32 products several times faster than bfloat16 ones, and bf16 values are exact in
@@ -15,6 +16,9 @@ float32, so the statistics are those of the model computed without intermediate 
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -31,6 +35,8 @@ from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales
 from llmpress.activations import ActivationCache
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
+from llmpress.kvcache import KVCacheCalibration, attention_modules
+from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import Plan
 from llmpress.quantize import compress_layer, scheme_format
 from llmpress.runner import LayerRunner
@@ -104,6 +110,16 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, args: QuantizationArgs
     return q.mul_(scale)
 
 
+@contextlib.contextmanager
+def _hooked(hooks: list) -> Iterator[None]:
+    """Hooks in place for a block, removed after it (added to `hooks` inside it: removed too)."""
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class _InputQuantizer:
     """Forward pre-hooks that quantize each module's input as it will be at inference."""
 
@@ -123,6 +139,9 @@ class _InputQuantizer:
 
     def _quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         args = self.args
+        if not params:  # dynamic (FP8_DYNAMIC, W8A8): scales per call, as served
+            scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
+            return fake_quantize(x, scale, zero_point, args)
         if "input_global_scale" in params:  # NVFP4: group scales at run time, global static
             gscale = params["input_global_scale"].to(x.device)
             scale, zero_point = compute_dynamic_scales_and_zp(
@@ -136,7 +155,8 @@ class _InputQuantizer:
 
 
 class StaticCalibration:
-    """Compresses each decoder layer's planned modules and adds their input scales."""
+    """Compresses each decoder layer's planned modules and adds their input scales, and the
+    k/v scales of its attention with `--kv-cache`."""
 
     def __init__(
         self,
@@ -148,16 +168,18 @@ class StaticCalibration:
         resumed: bool = False,
     ):
         """`resumed`: `cache` already holds the inputs of the first layer still to run."""
+        self.static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
-        if outside:
+        if self.static and outside:
             raise LlmpressError(
                 f"static activation scales are computed inside decoder layers; {outside[0]} is "
                 "outside them: --ignore it"
             )
         self.plan, self.device = plan, device
         self.input_args = plan.scheme.input_activations
-        checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
-        dtype = compute_dtype(device, checkpoint_dtype)
+        self.kv = KVCacheCalibration(plan.kv_cache) if plan.kv_cache is not None else None
+        self.checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
+        dtype = compute_dtype(device, self.checkpoint_dtype)
         self.runner = LayerRunner(source, device, dtype=dtype, cache=cache)
         self.runner.capture(calibration.samples, hidden=not resumed)
 
@@ -179,21 +201,20 @@ class StaticCalibration:
         """Layer `index`: observe its inputs, compress `weights` (by module name), run it
         compressed. `others`: the layer's remaining tensors (norms...), by full name."""
         read = {**others, **{f"{name}.weight": w for name, w in weights.items()}}
-        self.runner.load_layer(index, read)
+        layer = self.runner.load_layer(index, read)
         modules = self.runner.modules
-        ranges = _InputRanges(list(weights))
-        hooks = [modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]
-        try:
-            self.runner.forward_layer(index, update=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        if self.static:
+            ranges = _InputRanges(list(weights))
+            with _hooked([modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]):
+                self.runner.forward_layer(index, update=False)
         packed = compress_layer(
             weights, self.plan.scheme, self.plan.fused, observer, self.device, layout
         )
-        for name, state in packed.items():
-            state.update(self._input_params(name, ranges, weights[name].dtype))
-        self._run_compressed(index, packed)
+        if self.static:
+            for name, state in packed.items():
+                state.update(self._input_params(name, ranges, weights[name].dtype))
+        readable = self._decompressible(packed, weights, observer, layout)
+        self._run_compressed(index, layer, packed, readable)
         return packed
 
     def _input_params(
@@ -211,20 +232,39 @@ class StaticCalibration:
             params["input_zero_point"] = zero_point.reshape(1)
         return params
 
-    def _run_compressed(self, index: int, packed: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Run the layer as it will be served, so the next layer sees its real inputs."""
+    def _run_compressed(self, index: int, layer, packed, readable) -> None:
+        """Run the layer as it will be served (dequantized weights, quantized inputs, and with
+        --kv-cache its keys and values in fp8), so the next layer sees its real inputs."""
         modules = self.runner.modules
-        quantizer = _InputQuantizer(self.input_args)
+        quantizer = _InputQuantizer(self.input_args) if self.input_args is not None else None
         hooks = []
-        for name, state in packed.items():
+        for name, state in readable.items():
             module = modules[name]
             weight = dequantized_weight(state, self.plan.scheme, module.weight.dtype)
             module.weight.data = weight.to(module.weight.device)
-            params = {k: v for k, v in state.items() if k.startswith("input_")}
-            hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
-        try:
+            if quantizer is not None:
+                params = {k: v for k, v in packed[name].items() if k.startswith("input_")}
+                hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
+        with _hooked(hooks):
+            if self.kv is not None:
+                # What the compressed layer caches: observed, then stored in fp8 as the next
+                # layer's inputs are computed.
+                prefix = f"{self.runner.source.layer_prefix}.{index}."
+                attentions = attention_modules(layer, prefix)
+                with _hooked(self.kv.observe(attentions)):
+                    self.runner.forward_layer(index, update=False)
+                kv_scales = self.kv.scales(attentions, self.checkpoint_dtype)
+                hooks += self.kv.quantize(attentions, kv_scales)
+                packed.update(kv_scales)  # by attention module: its k_scale and v_scale
             self.runner.forward_layer(index)
-        finally:
-            for hook in hooks:
-                hook.remove()
         self.runner.unload_layer(index)
+
+    def _decompressible(self, packed, weights, observer, layout):
+        """`packed`, or for odd bit widths packed for another compressed-tensors (--packing),
+        the same weights packed as the installed one reads them."""
+        args = self.plan.scheme.weights
+        if args.type != "int" or not layouts_differ(args.num_bits) or layout == installed_layout():
+            return packed
+        return compress_layer(
+            weights, self.plan.scheme, self.plan.fused, observer, self.device, installed_layout()
+        )

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import compressed_tensors
 import yaml
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+)
 
 from llmpress.errors import LlmpressError
 from llmpress.packing import layout_of, layouts_differ
@@ -35,6 +39,7 @@ def quantization_config(plan: Plan, layout: str) -> dict:
         format=scheme.format,
         quantization_status="compressed",
         ignore=list(plan.ignored),
+        kv_cache_scheme=plan.kv_cache,
     )
     data = qconfig.model_dump(mode="json", exclude={"quant_method"})
     if scheme.weights.type == "int" and layouts_differ(scheme.weights.num_bits):
@@ -62,6 +67,8 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
         "ignore": list(options.ignore),
         "config_groups": {"group_0": group},
     }
+    if plan.kv_cache is not None:
+        modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
     recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
     header = f"# written by llmpress: scheme {options.scheme}, observer {options.observer}\n"
     return header + yaml.safe_dump(recipe, sort_keys=False)
@@ -154,6 +161,9 @@ def summarize(checkpoint: Path) -> dict:
         "packing_layout": written_layout(qconfig),
         "groups": groups,
         "ignore": qconfig.get("ignore", []),
+        "kv_cache": _describe_args(QuantizationArgs.model_validate(qconfig["kv_cache_scheme"]))
+        if qconfig.get("kv_cache_scheme")
+        else None,
         "quantized_layers": sum(sum(c.values()) for c in layers.values()),
         "layers_by_kind": {k: dict(v) for k, v in sorted(layers.items())},
         "size_bytes": size,

@@ -76,12 +76,19 @@ def main() -> None:
 @click.option(
     "--dataset",
     default=None,
-    help="Calibration text for static-activation schemes (FP8): pydoc-calibration, a "
-    ".txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
+    help="Calibration text for static-activation schemes (FP8) and --kv-cache: "
+    "pydoc-calibration, a .txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
 )
 @click.option("--num-samples", type=int, default=None, help="Calibration samples (default 128).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sample at most (default 512).")
 @click.option("--seed", type=int, default=None, help="Sample selection seed (default 0).")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["fp8", "fp8-head"]),
+    default=None,
+    help="Quantize the KV cache to FP8 with scales calibrated on --dataset: fp8 one k/v scale "
+    "per layer, fp8-head one per KV head.",
+)
 @click.option(
     "--resume",
     is_flag=True,
@@ -112,6 +119,7 @@ def compress(
     seed,
     resume,
     max_memory,
+    kv_cache,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -135,6 +143,7 @@ def compress(
             num_samples=num_samples,
             seq_len=seq_len,
             seed=seed,
+            kv_cache=kv_cache,
         )
         cap = None if max_memory is None else _size(max_memory)
         _print_plan(plan_only(model, options, cap), output)
@@ -156,6 +165,7 @@ def compress(
         num_samples=num_samples,
         seq_len=seq_len,
         seed=seed,
+        kv_cache=kv_cache,
         progress=not quiet,
         resume=resume,
         max_memory=None if max_memory is None else _size(max_memory),
@@ -175,6 +185,8 @@ def _print_plan(plan: dict, output: Path) -> None:
     )
     kinds = ", ".join(f"{kind} x {count}" for kind, count in plan["modules_by_kind"].items())
     click.echo(f"    {kinds}")
+    if plan.get("kv_cache"):
+        click.echo(f"  KV cache: {plan['kv_cache']} (k/v scales calibrated on --dataset)")
     if plan["left_alone"]:
         shown = plan["left_alone"][:6]
         more = len(plan["left_alone"]) - len(shown)
@@ -227,6 +239,8 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
         click.echo(f"  {name}: targets {', '.join(group['targets'])} [{group['format']}]")
         click.echo(f"    weights      {group['weights']}")
         click.echo(f"    activations  {group['input_activations']}")
+    if info.get("kv_cache"):
+        click.echo(f"  kv cache: {info['kv_cache']}")
     if info["ignore"]:
         click.echo(f"  left in 16 bits: {', '.join(info['ignore'])}")
     click.echo(f"  quantized layers: {info['quantized_layers']}")

@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationScheme, QuantizationStrategy
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+)
 from compressed_tensors.utils import is_match
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmpress.errors import LlmpressError
+from llmpress.kvcache import attention_modules, kv_cache_args
 from llmpress.packing import installed_layout
 from llmpress.schemes import build_scheme
 from llmpress.source import ModelSource
@@ -51,6 +56,9 @@ class CompressOptions(BaseModel):
     num_samples: int = Field(default=128, gt=0)
     seq_len: int = Field(default=512, gt=0)
     seed: int = 0
+    # FP8 KV cache: "fp8" one k/v scale per attention, "fp8-head" one per KV head (see
+    # llmpress.kvcache); calibrated on `dataset`.
+    kv_cache: Literal["fp8", "fp8-head"] | None = None
 
     @property
     def layout(self) -> str:
@@ -72,6 +80,7 @@ class Plan:
     modules: tuple[str, ...]
     ignored: tuple[str, ...]
     fused: dict[str, tuple[str, ...]]
+    kv_cache: QuantizationArgs | None = None  # quantization_config.kv_cache_scheme
 
     @property
     def weight_names(self) -> dict[str, str]:
@@ -124,7 +133,15 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
             f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
         )
     _check_divisible(scheme, chosen, linears)
-    return Plan(scheme, chosen, ignored, _fused_groups(chosen))
+    kv_cache = None
+    if options.kv_cache is not None:
+        kv_cache = kv_cache_args(options.kv_cache)
+        if not attention_modules(source.modules[source.layer_prefix or ""]):
+            raise LlmpressError(
+                f"--kv-cache: {source.path.name} has no attention modules with k/v projections "
+                "in its decoder layers to give k/v scales; drop --kv-cache"
+            )
+    return Plan(scheme, chosen, ignored, _fused_groups(chosen), kv_cache)
 
 
 def _matches(name: str, module: torch.nn.Module, target: str) -> bool:

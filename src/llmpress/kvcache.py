@@ -145,9 +145,11 @@ class KVCacheCalibration:
 
         def quantizer(found: Tensors):
             def on_write(keys, values):
+                k_scale = found["k_scale"].to(keys.device, keys.dtype)
+                v_scale = found["v_scale"].to(values.device, values.dtype)
                 return (
-                    fake_quantize(keys, found["k_scale"].to(keys.device), None, self.args),
-                    fake_quantize(values, found["v_scale"].to(values.device), None, self.args),
+                    fake_quantize(keys, k_scale, None, self.args).to(keys.dtype),
+                    fake_quantize(values, v_scale, None, self.args).to(values.dtype),
                 )
 
             return on_write

@@ -115,3 +115,16 @@ def test_a_variant_that_cannot_compress_is_reported_not_fatal(smollm2, tmp_path)
     assert "group size 128 does not divide" in failed["error"] and "eval" not in failed
     assert done["eval"]["kl_divergence"] > 0
     assert "| W4A16 | failed: compress failed: " in (folder / "report.md").read_text()
+
+
+def test_calibrated_variants_calibrate_on_text_disjoint_from_the_evaluation(
+    tokenized_llama, tmp_path
+):
+    from llmpress.evaluate.compare import Variant, compress_in_child
+
+    result = compress_in_child(tokenized_llama, Variant("FP8"), tmp_path / "fp8", None)
+    assert "error" not in result, result.get("error")
+    command = result["command"]
+    assert command[command.index("--dataset") + 1] == "pydoc-calibration"
+    manifest = json.loads((tmp_path / "fp8" / "llmpress.json").read_text())
+    assert manifest["calibration"]["source"].startswith("pydoc-calibration")

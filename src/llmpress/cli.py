@@ -352,6 +352,12 @@ def evaluate(
     "--group-size", type=int, default=None, help="Weight group size for the int group schemes."
 )
 @click.option(
+    "--calibration-dataset",
+    default="pydoc-calibration",
+    show_default=True,
+    help="Calibration text for the calibrated schemes (FP8, W8A8_STATIC, NVFP4), as for compress.",
+)
+@click.option(
     "--serve/--no-serve",
     default=None,
     help="Measure vLLM serving speed. Default: where vLLM is installed.",
@@ -371,6 +377,7 @@ def compare(
     seq_len,
     windows,
     group_size,
+    calibration_dataset,
     serve,
     dtype,
     device,
@@ -390,6 +397,7 @@ def compare(
         seq_len=seq_len,
         windows=windows,
         group_size=group_size,
+        calibration=calibration_dataset,
         serve=serve,
         dtype=dtype,
         device=device,

@@ -38,7 +38,7 @@ from llmpress.evaluate.metrics import CachedReference, score
 from llmpress.evaluate.report import write_report
 from llmpress.evaluate.texts import load_text
 from llmpress.evaluate.windows import token_windows
-from llmpress.schemes import DESCRIPTIONS, preset_args
+from llmpress.schemes import CALIBRATED, DESCRIPTIONS, preset_args
 
 ALGORITHMS = ("rtn",)  # GPTQ, AWQ... join as they land
 SERVING_FIGURES = (
@@ -90,9 +90,14 @@ def _takes_group_size(scheme: str) -> bool:
 
 
 def compress_in_child(
-    base: Path, variant: Variant, output: Path, group_size: int | None
+    base: Path,
+    variant: Variant,
+    output: Path,
+    group_size: int | None,
+    calibration: str = "pydoc-calibration",
 ) -> dict[str, Any]:
-    """Run `llmpress compress` as its own process: wall time, peak RSS, or its error."""
+    """Run `llmpress compress` as its own process: wall time, peak RSS, or its error.
+    Calibrated schemes (static activation scales) calibrate on `calibration`."""
     command = [
         sys.executable,
         "-m",
@@ -107,6 +112,8 @@ def compress_in_child(
     ]
     if group_size is not None and _takes_group_size(variant.scheme):
         command += ["--group-size", str(group_size)]
+    if variant.scheme in CALIBRATED:
+        command += ["--dataset", calibration]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         code = subprocess.run(
@@ -172,6 +179,7 @@ class CompareSettings:
     seq_len: int = 512
     windows: int | None = 16
     group_size: int | None = None
+    calibration: str = "pydoc-calibration"
     serve: bool = False
     dtype: str = "auto"
     device: str = "cpu"
@@ -186,6 +194,7 @@ def run_compare(
     seq_len: int = 512,
     windows: int | None = 16,
     group_size: int | None = None,
+    calibration: str = "pydoc-calibration",
     serve: bool | None = None,
     dtype: str = "auto",
     device: str = "auto",
@@ -195,7 +204,8 @@ def run_compare(
 ) -> dict[str, Any]:
     """Compress BASE with every variant, evaluate each against it, write the report folder.
 
-    `serve`: measure vLLM serving (None: where vLLM is installed). Returns results.json's data.
+    `serve`: measure vLLM serving (None: where vLLM is installed); `calibration`: the text
+    calibrated schemes (FP8, W8A8_STATIC, NVFP4) calibrate on, disjoint from `dataset`. Returns results.json's data.
     """
     from llmpress.evaluate.serving import vllm_unavailable_reason
 
@@ -214,6 +224,7 @@ def run_compare(
         seq_len=seq_len,
         windows=windows,
         group_size=group_size,
+        calibration=calibration,
         serve=vllm_unavailable_reason() is None if serve is None else serve,
         dtype=dtype,
         device=resolve_device(device),
@@ -285,7 +296,9 @@ def _compare_into(
         }
         entries.append(entry)
         _log(f"[{number}/{steps}] {variant.label}: compressing", progress)
-        entry["compress"] = compress_in_child(base_path, variant, out, settings.group_size)
+        entry["compress"] = compress_in_child(
+            base_path, variant, out, settings.group_size, settings.calibration
+        )
         if "error" in entry["compress"]:
             entry["error"] = f"compress failed: {entry['compress']['error']}"
             _log(f"  {entry['error']}", progress)

@@ -15,29 +15,33 @@ each run's log in bench/results/logs/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import psutil
+from benchlib import (
+    ANCHOR_PY,
+    BENCH_CACHE,
+    LLMPRESS,
+    MB,
+    RESULTS_DIR,
+    SMOLLM2,
+    Run,
+    dir_bytes,
+    fmt,
+    last_error,
+    measure,
+    prepare_cache,
+    summarize,
+    versions,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-ANCHOR_PY = ROOT / ".venv-anchor" / "bin" / "python"
-LLMPRESS = ROOT / ".venv-bench" / "bin" / "llmpress"
-BENCH_CACHE = ROOT / ".cache" / "bench"
-RESULTS_DIR = ROOT / "bench" / "results"
-SMOLLM2 = ROOT / ".cache" / "fixtures" / "smollm2-135m"
 MODELS = {"smollm2": SMOLLM2, "llama1b": BENCH_CACHE / "llama-1b-random"}
 # SmolLM2's hidden size 576 is not a multiple of 128.
 GROUP_SIZE = {"smollm2": 64, "llama1b": 128}
@@ -51,7 +55,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-MB = 1e6
 
 
 # ---------------------------------------------------------------- the generated 1B model
@@ -161,78 +164,6 @@ WORKERS = {"oneshot": work_oneshot, "model_free": work_model_free, "copy": work_
 # ---------------------------------------------------------------- measuring
 
 
-@dataclass
-class Run:
-    model: str
-    scheme: str
-    tool: str
-    in_mb: float
-    wall_s: float | None = None
-    cpu_s: float | None = None  # user+sys of the tree: steadier than wall on a shared machine
-    peak_rss_mb: float | None = None
-    out_mb: float | None = None
-    error: str | None = None
-    load1: float = 0.0  # 1-min load average before the run: the machine is shared
-
-
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-def measure(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, int, int]:
-    """Wall time, CPU time, peak RSS (bytes) and exit code of one subprocess tree.
-
-    Peak RSS is the larger of the 50 ms-polled sum over the tree and the kernel's own
-    high-water mark for the child (wait4), which catches spikes between polls.
-    """
-    t0 = time.perf_counter()
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        peak = max(peak, _tree_rss(ps))
-        time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    return wall, cpu, max(peak, usage.ru_maxrss * 1024), proc.returncode
-
-
-def _last_error(log: Path) -> str:
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.search(r"Error|Exception|error:", ln)]
-    return (errors or lines or ["no output"])[-1][:200]
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _prepare_cache(model_dir: Path, cold: bool) -> None:
-    """Same page-cache state for every tool: all input cached (default) or none (--cold)."""
-    os.sync()
-    if cold:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return
-    for f in model_dir.iterdir():
-        if f.is_file():
-            with f.open("rb") as fh:
-                while fh.read(64 << 20):
-                    pass
-
-
 def command(tool: str, model_dir: Path, out: Path, scheme: str, group_size: int) -> list[str]:
     if tool == "llmpress":
         cmd = [str(LLMPRESS), "compress", str(model_dir), "-o", str(out), "--scheme", scheme]
@@ -258,7 +189,7 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
     model_dir = MODELS[model]
     in_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     run = Run(model, scheme, tool, round(in_bytes / MB, 1))
-    _prepare_cache(model_dir, cold)
+    prepare_cache(model_dir, cold)
     run.load1 = round(os.getloadavg()[0], 2)
     (BENCH_CACHE / "tmp").mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=BENCH_CACHE / "tmp"))  # same disk as the input
@@ -272,9 +203,9 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
         if rc == 0:
             run.wall_s, run.cpu_s = round(wall, 2), round(cpu, 2)
             run.peak_rss_mb = round(peak / MB, 1)
-            run.out_mb = round(_dir_bytes(tmp / "out") / MB, 1)
+            run.out_mb = round(dir_bytes(tmp / "out") / MB, 1)
         else:
-            run.error = _last_error(log)
+            run.error = last_error(log)
     except OSError as exc:  # e.g. the llmpress CLI is not installed yet
         run.error = str(exc)[:200]
     finally:
@@ -284,42 +215,6 @@ def run_one(model: str, scheme: str, tool: str, cold: bool) -> Run:
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per model/scheme/tool: best wall and CPU, worst peak RSS over the repeats."""
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for r in runs:
-        row = rows.setdefault(
-            (r.model, r.scheme, r.tool),
-            {
-                "model": r.model,
-                "scheme": r.scheme,
-                "tool": r.tool,
-                "in_mb": r.in_mb,
-                "wall_s": None,
-                "cpu_s": None,
-                "peak_rss_mb": None,
-                "out_mb": None,
-                "error": None,
-                "repeats": 0,
-            },
-        )
-        row["repeats"] += 1
-        if r.error:
-            row["error"] = r.error
-            continue
-        row["wall_s"] = min(filter(None, (row["wall_s"], r.wall_s)))
-        row["cpu_s"] = min(filter(None, (row["cpu_s"], r.cpu_s)))
-        row["peak_rss_mb"] = max(filter(None, (row["peak_rss_mb"], r.peak_rss_mb)))
-        row["out_mb"] = r.out_mb
-    for row in rows.values():
-        row["mb_per_s"] = round(row["in_mb"] / row["wall_s"], 1) if row["wall_s"] else None
-    return list(rows.values())
-
-
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -332,9 +227,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ref = copy_tput.get(r["model"])
         frac = r["mb_per_s"] / ref if r["mb_per_s"] and ref else None
         line = (
-            f"{r['model']:8} {r['scheme']:11} {r['tool']:10} {_fmt(r['wall_s']):>8} "
-            f"{_fmt(r['cpu_s']):>8} {_fmt(r['peak_rss_mb'], '.0f'):>11} "
-            f"{_fmt(r['out_mb'], '.1f'):>8} {_fmt(r['mb_per_s'], '.0f'):>7} {_fmt(frac):>7}"
+            f"{r['model']:8} {r['scheme']:11} {r['tool']:10} {fmt(r['wall_s']):>8} "
+            f"{fmt(r['cpu_s']):>8} {fmt(r['peak_rss_mb'], '.0f'):>11} "
+            f"{fmt(r['out_mb'], '.1f'):>8} {fmt(r['mb_per_s'], '.0f'):>7} {fmt(frac):>7}"
         )
         print(line + (f"  failed: {r['error']}" if r["error"] else ""))
     by_key = {(r["model"], r["scheme"], r["tool"]): r for r in rows}
@@ -350,26 +245,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                     f"CPU {r['cpu_s'] / ref['cpu_s']:.2f}x, "
                     f"RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
                 )
-
-
-def _versions() -> dict[str, str]:
-    out: dict[str, str] = {
-        "python": platform.python_version(),
-        "cpus": str(os.cpu_count()),
-        "mem_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
-    }
-    for name in ("llmpress", "torch", "transformers", "compressed-tensors"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    probe = (
-        "from importlib.metadata import version as v; print(' '.join(v(n) for n in "
-        "('llmcompressor', 'compressed-tensors', 'transformers', 'torch')))"
-    )
-    res = subprocess.run([str(ANCHOR_PY), "-c", probe], capture_output=True, text=True)
-    if res.returncode == 0:
-        names = ("llmcompressor", "compressed-tensors", "transformers", "torch")
-        out.update({f"anchor {n}": v for n, v in zip(names, res.stdout.split(), strict=True)})
-    return out
 
 
 def save_json(rows: list[dict[str, Any]], runs: list[Run], cold: bool) -> Path:
@@ -388,7 +263,7 @@ def save_json(rows: list[dict[str, Any]], runs: list[Run], cold: bool) -> Path:
         return [r for r in entries if (r["model"], r["scheme"], r["tool"]) not in keys]
 
     data = {
-        "meta": _versions(),
+        "meta": versions(),
         "summary": fresh(old.get("summary", [])) + new_rows,
         "runs": fresh(old.get("runs", [])) + new_runs,
     }
@@ -429,8 +304,8 @@ def main() -> None:
                 run = run_one(model, scheme, tool, args.cold)
                 runs.append(run)
                 print(
-                    f"{model} {scheme} {tool}: wall {_fmt(run.wall_s)} s, CPU {_fmt(run.cpu_s)} s, "
-                    f"peak RSS {_fmt(run.peak_rss_mb, '.0f')} MB, load {run.load1}"
+                    f"{model} {scheme} {tool}: wall {fmt(run.wall_s)} s, CPU {fmt(run.cpu_s)} s, "
+                    f"peak RSS {fmt(run.peak_rss_mb, '.0f')} MB, load {run.load1}"
                     + (f", failed: {run.error}" if run.error else ""),
                     flush=True,
                 )

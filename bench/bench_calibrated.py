@@ -1,0 +1,548 @@
+"""FP8 with static activation scales, side by side: llmpress vs llm-compressor (issue 4).
+
+Both tools calibrate SmolLM2-135M on the same token ids: llmpress' built-in
+`pydoc-calibration` text, chosen and tokenized once here by `llmpress.data.calibration_set`
+(BOS first, no padding), saved, and handed to llm-compressor as a tokenized `datasets.Dataset`
+(batch 1, no shuffling, no padding, no truncation: it sees exactly these samples, in its own
+order, longest first). llmpress selects them itself from `--dataset pydoc-calibration` with
+the same arguments; the bench checks that its manifest fingerprint equals that of the saved
+ids, and that the sequences llm-compressor fed to the model's embedding are the same ones.
+
+Each tool runs as its own subprocess from its own environment (bench/setup_envs.sh):
+llmpress from .venv-bench, llm-compressor (`oneshot`, its sequential pipeline, on CPU) from
+.venv-anchor. Wall time, CPU time and peak RSS cover the whole process (imports, load,
+calibrate, save). Both outputs are then scored by `llmpress eval` (held-out pydoc text:
+perplexity, KL and top-1 agreement against the base) and checked for an `input_scale` on
+every quantized Linear.
+
+    .venv/bin/python bench/bench_calibrated.py                      # 128 x 512, the issue's run
+    .venv/bin/python bench/bench_calibrated.py --num-samples 8 --seq-len 128   # a quick check
+
+Results: a markdown table on stdout, bench/results/calibrated.json (one entry per
+samples x seq-len setting) and each run's log in bench/results/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    ANCHOR_PY,
+    BENCH_CACHE,
+    LLMPRESS,
+    MB,
+    RESULTS_DIR,
+    ROOT,
+    SMOLLM2,
+    Run,
+    dir_bytes,
+    fmt,
+    last_error,
+    measure,
+    prepare_cache,
+    summarize,
+    versions,
+)
+
+DATASET = "pydoc-calibration"
+SCHEME = "FP8"
+TOOLS = ("llmpress", "oneshot")
+EVAL_LLMPRESS = ROOT / ".venv" / "bin" / "llmpress"  # eval needs the dev env (lm-eval et al.)
+GOALS = {"wall_s": 0.5, "peak_rss_mb": 1.0}  # llmpress / oneshot, issue 4
+
+
+# ---------------------------------------------------------------- calibration ids
+
+
+def calibration_ids(num_samples: int, seq_len: int, seed: int) -> tuple[Path, str]:
+    """Choose and tokenize the samples once, as llmpress does, and save them.
+
+    Returns the file and the sha256 of the ids read back from it, computed as llmpress
+    computes its manifest fingerprint (`llmpress.data.fingerprint`).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmpress.data import calibration_set, fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
+    calib = calibration_set(DATASET, tokenizer, num_samples, seq_len, seed)
+    path = BENCH_CACHE / f"calib-{DATASET}-{num_samples}x{seq_len}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**calib.to_json(), "samples": [s.tolist() for s in calib.samples]}
+    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    saved = json.loads(path.read_text())["samples"]
+    digest = fingerprint([torch.tensor(s, dtype=torch.int64) for s in saved])
+    assert digest == calib.fingerprint, "the saved ids differ from the chosen ones"
+    return path, digest
+
+
+def same_ids(seen: list[list[int]], ids: list[list[int]]) -> str | None:
+    """None when `seen` is `ids` fed whole some number of times (in any order), else why not."""
+    if not seen:
+        return "no sequences recorded at the embedding"
+    passes, extra = divmod(len(seen), len(ids))
+    want = Counter({tuple(s): n * passes for s, n in Counter(map(tuple, ids)).items()})
+    if extra or Counter(map(tuple, seen)) != want:
+        lens = sorted({len(s) for s in seen})
+        return (
+            f"{len(seen)} sequences seen (lengths {lens[0]}..{lens[-1]}), "
+            f"not {len(ids)} samples x {max(passes, 1)} passes"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- worker (in .venv-anchor)
+
+
+def _clock() -> tuple[float, float]:
+    """Wall and process CPU seconds (all threads): CPU is steadier on a shared machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float], end: tuple[float, float]) -> list[float]:
+    return [end[0] - start[0], end[1] - start[1]]
+
+
+def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str) -> None:
+    """llm-compressor's documented calibrated path: load, oneshot with a dataset, save.
+
+    Records the token ids that reach the embedding (which sequences it calibrated on), the
+    time spent inside the decoder layers per pass (its sequential pipeline runs every layer
+    twice: once observing, once propagating the quantized outputs) and the phases.
+    """
+    t0 = _clock()
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_import = _clock()
+    calib = json.loads(Path(ids_path).read_text())
+    ids = calib["samples"]
+    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids]})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    t_load = _clock()
+
+    seen: list[list[int]] = []
+
+    def record_ids(_module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if type(x) is torch.Tensor:  # not the fx Proxy it gets while tracing
+            seen.extend(x.reshape(-1, x.shape[-1]).tolist())
+
+    # Per decoder layer, the wall and CPU seconds of each call, in call order.
+    layer_calls: list[list[list[float]]] = [[] for _ in model.model.layers]
+    starts: dict[int, tuple[float, float]] = {}
+
+    def enter(i: int):
+        return lambda *_: starts.__setitem__(i, _clock())
+
+    def leave(i: int):
+        return lambda *_: layer_calls[i].append(_since(starts.pop(i), _clock()))
+
+    hooks = [model.get_input_embeddings().register_forward_pre_hook(record_ids, with_kwargs=True)]
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_pre_hook(enter(i)))
+        hooks.append(layer.register_forward_hook(leave(i)))
+
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=QuantizationModifier(targets="Linear", scheme=SCHEME, ignore=["lm_head"]),
+        num_calibration_samples=len(ids),
+        max_seq_length=calib["seq_len"],
+        batch_size=1,
+        shuffle_calibration_samples=False,
+        pipeline="sequential",
+    )
+    t_oneshot = _clock()
+    for h in hooks:
+        h.remove()
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+    t_save = _clock()
+
+    n = len(ids)
+
+    def total(calls: list[list[float]]) -> list[float]:
+        return [sum(c[0] for c in calls), sum(c[1] for c in calls)]
+
+    observe = total([c for layer in layer_calls for c in layer[:n]])
+    propagate = total([c for layer in layer_calls for c in layer[n:]])
+    in_oneshot = _since(t_load, t_oneshot)
+    meta = {
+        "phases": {
+            "import": _since(t0, t_import),
+            "load": _since(t_import, t_load),
+            "oneshot": in_oneshot,
+            "layers, observing pass": observe,
+            "layers, propagating pass": propagate,
+            "oneshot, outside layers": [
+                in_oneshot[k] - observe[k] - propagate[k] for k in range(2)
+            ],
+            "save": _since(t_oneshot, t_save),
+        },
+        "calls_per_layer": sorted({len(c) for c in layer_calls}),
+        "seen": seen,
+    }
+    Path(meta_path).write_text(json.dumps(meta))
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class CalRun(Run):
+    own_s: float | None = None  # the tool's own timer, where it prints one (after imports)
+    phases: dict[str, list[float]] = field(default_factory=dict)  # oneshot: [wall, CPU] s
+    ids_check: str | None = None  # None: consumed exactly the saved ids
+
+
+def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> list[str]:
+    if tool == "llmpress":
+        return [
+            str(LLMPRESS),
+            "compress",
+            str(SMOLLM2),
+            "-o",
+            str(out),
+            "--scheme",
+            SCHEME,
+            "--dataset",
+            DATASET,
+            "--num-samples",
+            str(args.num_samples),
+            "--seq-len",
+            str(args.seq_len),
+            "--seed",
+            str(args.seed),
+            "--quiet",
+            "--force",
+        ]
+    return [
+        str(ANCHOR_PY),
+        str(Path(__file__).resolve()),
+        "--worker",
+        tool,
+        "--model",
+        str(SMOLLM2),
+        "--out",
+        str(out),
+        "--ids",
+        str(ids_path),
+        "--meta",
+        str(out.with_name("meta.json")),
+    ]
+
+
+def check_ids(tool: str, out: Path, ids: list[list[int]], digest: str) -> str | None:
+    """None when the run calibrated on exactly the saved ids, else what differs."""
+    if tool == "llmpress":
+        manifest = json.loads((out / "llmpress.json").read_text())
+        got = manifest.get("calibration", {}).get("sha256")
+        return None if got == digest else f"manifest sha256 {got} != saved ids' {digest}"
+    meta = json.loads(out.with_name("meta.json").read_text())
+    return same_ids(meta["seen"], ids)
+
+
+def run_one(
+    tool: str, args: argparse.Namespace, ids_path: Path, digest: str
+) -> tuple[CalRun, Path | None]:
+    """One timed run; its output directory is returned (None on failure) for the checks."""
+    in_bytes = sum(f.stat().st_size for f in SMOLLM2.glob("*.safetensors"))
+    run = CalRun("smollm2", SCHEME, tool, round(in_bytes / MB, 1))
+    prepare_cache(SMOLLM2, cold=False)
+    run.load1 = round(os.getloadavg()[0], 2)
+    (BENCH_CACHE / "tmp").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=BENCH_CACHE / "tmp"))  # same disk as the input
+    out = tmp / "out"
+    logs = RESULTS_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"calibrated-{args.num_samples}x{args.seq_len}-{tool}.log"
+    try:
+        wall, cpu, peak, rc = measure(command(tool, out, args, ids_path), tmp, log)
+    except OSError as exc:  # e.g. an environment is missing: bash bench/setup_envs.sh
+        run.error = str(exc)[:200]
+        shutil.rmtree(tmp, ignore_errors=True)
+        return run, None
+    if rc != 0:
+        run.error = last_error(log)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return run, None
+    run.wall_s, run.cpu_s = round(wall, 2), round(cpu, 2)
+    run.peak_rss_mb = round(peak / MB, 1)
+    run.out_mb = round(dir_bytes(out) / MB, 1)
+    if tool == "llmpress":
+        m = re.search(r" in ([\d.]+) s\s*$", log.read_text(errors="replace"))
+        run.own_s = float(m.group(1)) if m else None
+    else:
+        meta = json.loads(out.with_name("meta.json").read_text())
+        run.phases = {k: [round(x, 2) for x in v] for k, v in meta["phases"].items()}
+        run.own_s = round(run.phases["oneshot"][0] + run.phases["save"][0], 2)
+    ids = json.loads(ids_path.read_text())["samples"]
+    run.ids_check = check_ids(tool, out, ids, digest)
+    return run, out
+
+
+# ---------------------------------------------------------------- quality and checks
+
+
+def evaluate(out: Path, windows: int) -> dict[str, Any]:
+    """`llmpress eval OUT --base SmolLM2 --json -`, from the dev environment."""
+    cmd = [str(EVAL_LLMPRESS), "eval", str(out), "--base", str(SMOLLM2), "--json", "-"]
+    cmd += ["--windows", str(windows), "--device", "cpu", "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = (res.stderr or res.stdout).strip().splitlines() or ["no output"]
+        return {"error": lines[-1][:200]}
+    return json.loads(res.stdout)
+
+
+def scale_tensors(out: Path) -> dict[str, dict[str, float]]:
+    """Per quantized module (one with a weight_scale): its weight and input scales."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, float]] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                module, _, name = key.rpartition(".")
+                if name in ("weight_scale", "input_scale"):
+                    found.setdefault(module, {})[name] = f.get_tensor(key).float().item()
+    return found
+
+
+def scale_check(scales: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """How many quantized modules (those with a weight_scale) carry an input_scale."""
+    quantized = [m for m, s in scales.items() if "weight_scale" in s]
+    missing = [m for m in quantized if "input_scale" not in scales[m]]
+    return {
+        "quantized": len(quantized),
+        "with_input_scale": len(quantized) - len(missing),
+        "missing_input_scale": missing[:5],
+    }
+
+
+def compare_scales(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict:
+    """|a/b - 1| over the modules both quantized, per scale kind: median, max and where."""
+    result: dict[str, Any] = {}
+    for name in ("weight_scale", "input_scale"):
+        rel = {
+            m: abs(a[m][name] / b[m][name] - 1)
+            for m in sorted(a.keys() & b.keys())
+            if name in a[m] and name in b[m] and b[m][name]
+        }
+        if rel:
+            worst = max(rel, key=rel.__getitem__)
+            result[name] = {
+                "modules": len(rel),
+                "median_rel_diff": statistics.median(rel.values()),
+                "max_rel_diff": rel[worst],
+                "max_at": worst,
+                "by_module": rel,
+            }
+    return result
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def print_report(
+    rows: list[dict[str, Any]],
+    quality: dict[str, Any],
+    checks: dict[str, Any],
+    phases: dict[str, list[float]],
+    cmdline: str,
+) -> None:
+    print(f"\n```bash\n{cmdline}\n```\n")
+    print(
+        "| tool | wall s | CPU s | peak RSS MB | out MB | own s | perplexity | KL nats/tok "
+        "| top-1 agree | input_scale |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = next((q for q in quality.values() if q.get("base_perplexity")), None)
+    if base:
+        print(f"| base (bf16) | | | | | | {base['base_perplexity']:.3f} | 0 | 1 | |")
+    for r in rows:
+        q = quality.get(r["tool"], {})
+        sc = checks.get(r["tool"])
+        cells = [
+            r["tool"],
+            fmt(r["wall_s"]),
+            fmt(r["cpu_s"]),
+            fmt(r["peak_rss_mb"], ".0f"),
+            fmt(r["out_mb"], ".1f"),
+            fmt(r["own_s"]),
+            fmt(q.get("perplexity"), ".3f"),
+            fmt(q.get("kl_divergence"), ".4f"),
+            fmt(q.get("top1_agreement"), ".3f"),
+            f"{sc['with_input_scale']}/{sc['quantized']}" if sc else "-",
+        ]
+        note = f" failed: {r['error']}" if r["error"] else ""
+        note += f" eval failed: {q['error']}" if q.get("error") else ""
+        print("| " + " | ".join(cells) + " |" + note)
+    print(
+        "\nown s: the tool's time after its imports (llmpress' own timer; for oneshot, "
+        "oneshot() + save_pretrained). input_scale: quantized Linears that have one."
+    )
+    by_tool = {r["tool"]: r for r in rows if not r["error"]}
+    lp, ref = by_tool.get("llmpress"), by_tool.get("oneshot")
+    if lp and ref:
+        parts = []
+        for key, label in (("wall_s", "wall"), ("cpu_s", "CPU"), ("peak_rss_mb", "peak RSS")):
+            ratio = _ratio(lp[key], ref[key])
+            goal = GOALS.get(key)
+            verdict = ""
+            if goal is not None and ratio is not None:
+                verdict = f" (goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'})"
+            parts.append(f"{label} {fmt(ratio)}x{verdict}")
+        print("llmpress / oneshot: " + ", ".join(parts))
+    if phases:
+        parts = [f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in phases.items()]
+        print("oneshot phases, wall/CPU s: " + "; ".join(parts))
+    for name, d in checks.get("llmpress vs oneshot", {}).items():
+        print(
+            f"{name}, llmpress vs oneshot, {d['modules']} modules: "
+            f"|ratio - 1| median {d['median_rel_diff']:.2e}, "
+            f"max {d['max_rel_diff']:.2e} ({d['max_at']})"
+        )
+
+
+def save_json(setting: str, entry: dict[str, Any]) -> Path:
+    """One entry per samples x seq-len setting, so a quick run keeps the full run's figures."""
+    path = RESULTS_DIR / "calibrated.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[setting] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--eval-windows", type=int, default=16, help="0 skips the evaluation")
+    ap.add_argument("--keep", type=Path, help="move each tool's first output to KEEP/TOOL")
+    ap.add_argument("--worker", choices=["oneshot"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--meta", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        work_oneshot(args.model, args.out, args.ids, args.meta)
+        return
+
+    python = os.path.relpath(sys.executable, ROOT)
+    cmdline = shlex.join([python, os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    if not (SMOLLM2 / "config.json").exists():
+        sys.exit(f"{SMOLLM2} is missing: see DESIGN.md (test fixtures) for how it is built")
+    tools = [t for t in args.tools.split(",") if t]
+    if unknown := set(tools) - set(TOOLS):
+        sys.exit(f"unknown tools {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    ids_path, digest = calibration_ids(args.num_samples, args.seq_len, args.seed)
+    tokens = sum(map(len, json.loads(ids_path.read_text())["samples"]))
+    print(f"calibration: {args.num_samples} samples, {tokens} tokens, sha256 {digest[:16]}…")
+
+    runs: list[CalRun] = []
+    kept: dict[str, Path] = {}  # the first good output of each tool, for eval and checks
+    try:
+        for _ in range(args.repeat):  # interleaved, so drifting machine speed hits both
+            for tool in tools:
+                run, out = run_one(tool, args, ids_path, digest)
+                runs.append(run)
+                if out is not None and tool in kept:
+                    shutil.rmtree(out.parent, ignore_errors=True)
+                elif out is not None:
+                    kept[tool] = out
+                ids_note = "same ids" if run.ids_check is None else f"IDS DIFFER: {run.ids_check}"
+                print(
+                    f"{tool}: wall {fmt(run.wall_s)} s, CPU {fmt(run.cpu_s)} s, "
+                    f"peak RSS {fmt(run.peak_rss_mb, '.0f')} MB, load {run.load1}"
+                    + (f", failed: {run.error}" if run.error else f", {ids_note}"),
+                    flush=True,
+                )
+        quality: dict[str, Any] = {}
+        checks: dict[str, Any] = {}
+        scales = {tool: scale_tensors(out) for tool, out in kept.items()}
+        for tool, out in kept.items():
+            checks[tool] = scale_check(scales[tool])
+            if args.eval_windows:
+                print(f"evaluating {tool}'s output ...", flush=True)
+                quality[tool] = evaluate(out, args.eval_windows)
+        if {"llmpress", "oneshot"} <= kept.keys():
+            checks["llmpress vs oneshot"] = compare_scales(scales["llmpress"], scales["oneshot"])
+    finally:
+        for tool, out in kept.items():
+            if args.keep:
+                shutil.rmtree(args.keep / tool, ignore_errors=True)
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.move(out, args.keep / tool)
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+    rows = summarize(runs)
+    for row in rows:
+        good = [r for r in runs if r.tool == row["tool"] and not r.error]
+        row["own_s"] = min((r.own_s for r in good if r.own_s), default=None)
+        row["ids_check"] = next((r.ids_check for r in good if r.ids_check), None)
+    # The phases of oneshot's fastest run.
+    phases = min((r.phases for r in runs if r.phases), key=lambda p: p["oneshot"][0], default={})
+    print_report(rows, quality, checks, phases, cmdline)
+    entry = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": cmdline,
+        "calibration": {
+            "dataset": DATASET,
+            "samples": args.num_samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+            "tokens": tokens,
+        },
+        "sha256": digest,
+        "meta": versions(),
+        "summary": rows,
+        "quality": quality,
+        "checks": checks,
+        "oneshot_phases": phases,
+        "runs": [asdict(r) for r in runs],
+    }
+    setting = f"{args.num_samples}x{args.seq_len}-seed{args.seed}"
+    print(f"\nwrote {save_json(setting, entry)}")
+    problems = [f"{r.tool} calibrated on other ids: {r.ids_check}" for r in runs if r.ids_check]
+    problems += [
+        f"{tool}: no input_scale on {', '.join(c['missing_input_scale'])}"
+        for tool, c in checks.items()
+        if c.get("missing_input_scale")
+    ]
+    if problems:
+        sys.exit("\n".join(problems))
+
+
+if __name__ == "__main__":
+    main()

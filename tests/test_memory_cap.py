@@ -1,5 +1,6 @@
 """`--max-memory` bounds the calibration activations held in memory: peak RSS of a real run,
-measured in a fresh subprocess (each process's own high-water mark), with and without a cap.
+measured in a fresh subprocess (its address space's own high-water mark), with and without a
+cap.
 
 The model is a 2-layer Llama 64 wide, so that a few hundred thousand tokens of activations
 (~50 MB in float32) cost little compute; token ids are random, since only sizes matter here.
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 TOKENS = 196_608  # 384 samples x 512: 50.3 MB of float32 hidden states (64 wide)
 SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from pathlib import Path
 from llmpress.activations import ActivationCache
 from llmpress.runner import LayerRunner
@@ -32,7 +33,9 @@ for index, layer in runner.run(ids):
     pass
 cache.close()
 checksum = sum(float(cache.get(i).double().sum()) for i in range(len(runner.batches)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this address space's peak (ru_maxrss would carry the parent's across exec)
+status = open("/proc/self/status").read()
+peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
 print(json.dumps({"peak": peak, "checksum": checksum}))
 """
 

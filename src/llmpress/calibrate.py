@@ -39,7 +39,7 @@ from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import Plan
 from llmpress.quantize import compress_layer, scheme_format
-from llmpress.runner import LayerRunner
+from llmpress.runner import LayerRunner, StopLayer
 from llmpress.source import ModelSource
 
 
@@ -57,12 +57,15 @@ def compute_dtype(device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
 
 class _InputRanges:
     """Running min and max of each watched module's first input over every sample; modules
-    handed the same tensor (q/k/v, gate/up) are reduced once."""
+    handed the same tensor (q/k/v, gate/up) are reduced once. Once every watched module of a
+    batch has been seen, the layer's forward is cut short (StopLayer): nothing after the last
+    module's input is observed."""
 
     def __init__(self, names: list[str]):
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
         self._last: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, *[None] * 2)
+        self._unseen = set(names)
 
     def hook(self, name: str):
         def observe(module, args):
@@ -72,8 +75,17 @@ class _InputRanges:
             _, lo, hi = self._last
             self.lo[name] = torch.minimum(self.lo[name], lo)
             self.hi[name] = torch.maximum(self.hi[name], hi)
+            self._unseen.discard(name)
+            if not self._unseen:
+                raise StopLayer
 
         return observe
+
+    def start(self, layer, args) -> None:
+        """A pre-hook on the layer: a batch begins, every module is still to be seen (a
+        module that runs for some batches only, as an unrouted expert, never cuts one short)."""
+        self._unseen = set(self.lo)
+        self._last = (None, *[None] * 2)
 
     def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lo = torch.stack([self.lo[m] for m in members]).min()
@@ -205,7 +217,8 @@ class StaticCalibration:
         modules = self.runner.modules
         if self.static:
             ranges = _InputRanges(list(weights))
-            with _hooked([modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]):
+            hooks = [modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]
+            with _hooked([*hooks, layer.register_forward_pre_hook(ranges.start)]):
                 self.runner.forward_layer(index, update=False)
         packed = compress_layer(
             weights, self.plan.scheme, self.plan.fused, observer, self.device, layout

@@ -40,6 +40,11 @@ class _Stop(Exception):
     """Raised by the last catcher: nothing after the decoder layers needs to run."""
 
 
+class StopLayer(Exception):
+    """Raised by a hook in an observing pass once it has seen all it needs: the rest of the
+    layer's forward (its last matrix products, often a quarter of its work) is skipped."""
+
+
 def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """A layer's call arguments after hidden_states, all by name, so that they can be replayed
     as keywords: BERT's encoder passes the attention mask (and encoder states) positionally."""
@@ -270,7 +275,12 @@ class LayerRunner:
         generation of hidden states (False: a pass for hooks to observe)."""
         layer = self.layers[index]
         for i, batch in enumerate(self.batches):
-            out = layer(self.cache.get(i).to(self.device), **batch.calls[index])
+            try:
+                out = layer(self.cache.get(i).to(self.device), **batch.calls[index])
+            except StopLayer:
+                if update:
+                    raise
+                continue
             if update:
                 self.cache.put(i, out[0] if isinstance(out, tuple) else out)
         if update:

@@ -25,10 +25,15 @@ SHARD = 4 * 10**6
 LAYERS = 16
 
 
+def _fp8(model, out, **extra):
+    """The one command every run here shares (several shards, so a cut falls inside one)."""
+    return compress(str(model), str(out), "FP8", progress=False, max_shard_size=SHARD, **extra)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tokenized_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "fp8"
-    compress(str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS)
+    _fp8(tokenized_llama, out, **ARGS)
     return out
 
 
@@ -72,58 +77,22 @@ def test_killed_then_resumed_equals_uninterrupted(tokenized_llama, uninterrupted
 
     # Running the same command again without --resume would silently throw the work away.
     with pytest.raises(LlmpressError, match="--resume to continue"):
-        compress(
-            str(tokenized_llama), str(out), "FP8", progress=False, max_shard_size=SHARD, **ARGS
-        )
+        _fp8(tokenized_llama, out, **ARGS)
     # Other settings cannot continue this output.
     with pytest.raises(LlmpressError, match="other settings .*options"):
-        compress(
-            str(tokenized_llama),
-            str(out),
-            "FP8",
-            progress=False,
-            resume=True,
-            observer="mse",
-            **ARGS,
-        )
+        _fp8(tokenized_llama, out, resume=True, observer="mse", **ARGS)
 
-    compress(
-        str(tokenized_llama),
-        str(out),
-        "FP8",
-        progress=False,
-        resume=True,
-        max_shard_size=SHARD,
-        **ARGS,
-    )
+    _fp8(tokenized_llama, out, resume=True, **ARGS)
     assert _files(out) == _files(uninterrupted)
     assert len(list(out.glob("*.safetensors"))) > 2
     assert not partial_dir(out).exists()
 
 
 def test_activations_spilled_to_disk_give_the_same_bytes(tokenized_llama, uninterrupted, tmp_path):
-    out = tmp_path / "fp8"
-    compress(
-        str(tokenized_llama),
-        str(out),
-        "FP8",
-        progress=False,
-        max_shard_size=SHARD,
-        max_memory=0,
-        **ARGS,
-    )
-    assert _files(out) == _files(uninterrupted)
+    _fp8(tokenized_llama, tmp_path / "fp8", max_memory=0, **ARGS)
+    assert _files(tmp_path / "fp8") == _files(uninterrupted)
 
 
 def test_resume_without_an_interrupted_run_runs_normally(tokenized_llama, uninterrupted, tmp_path):
-    out = tmp_path / "fp8"
-    compress(
-        str(tokenized_llama),
-        str(out),
-        "FP8",
-        progress=False,
-        resume=True,
-        max_shard_size=SHARD,
-        **ARGS,
-    )
-    assert _files(out) == _files(uninterrupted)
+    _fp8(tokenized_llama, tmp_path / "fp8", resume=True, **ARGS)
+    assert _files(tmp_path / "fp8") == _files(uninterrupted)

@@ -2,8 +2,8 @@
 
 Builds random Llama models with SmolLM2's tokenizer (its files given with --tokenizer), then:
 - data-free schemes: `--device cuda` must write the same bytes as `--device cpu`;
-- calibrated schemes (FP8, W8A8_STATIC, NVFP4): both devices must succeed, and their static
-  input scales agree to within the rounding of the compute dtype (bf16 on the GPU, float32 on
+- calibrated schemes (FP8, W8A8_STATIC, NVFP4) and an FP8 KV cache: both devices must
+  succeed, and their static scales agree to within the rounding of the compute dtype (bf16 on the GPU, float32 on
   the CPU);
 - timing: a SmolLM2-shaped model (576 wide, 30 layers) calibrated with FP8 static on
   128 x 512 tokens, on each device.
@@ -93,6 +93,20 @@ def main() -> None:
         ok = cpu.keys() == gpu.keys() and worst < 0.05
         failures += not ok
         print(f"calibrated {scheme:11s} {len(keys)} input scales, worst cpu/cuda gap {worst:.4f}")
+
+    outs = {}
+    for device in ("cpu", "cuda"):  # the KV cache calibrated with a data-free weight scheme
+        outs[device] = work / f"kv-{device}"
+        compress(
+            small, outs[device], "FP8_DYNAMIC", kv_cache="fp8-head", device=device,
+            progress=False, **CALIBRATION,
+        )  # fmt: skip
+    cpu, gpu = tensors(outs["cpu"]), tensors(outs["cuda"])
+    keys = [k for k in cpu if k.endswith(("k_scale", "v_scale"))]
+    worst = max(float((cpu[k].float() / gpu[k].float() - 1).abs().max()) for k in keys)
+    ok = cpu.keys() == gpu.keys() and len(keys) == 8 and worst < 0.05
+    failures += not ok
+    print(f"kv-cache fp8-head, FP8_DYNAMIC: {len(keys)} k/v scales, worst cpu/cuda gap {worst:.4f}")
 
     if not args.skip_timing:
         shaped = build(work / "smollm2-shaped", args.tokenizer, 576, 30, 1536)

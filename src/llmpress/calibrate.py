@@ -133,16 +133,20 @@ def _hooked(hooks: list) -> Iterator[None]:
 
 
 class _InputQuantizer:
-    """Forward pre-hooks that quantize each module's input as it will be at inference."""
+    """Forward pre-hooks that quantize each module's input as it will be at inference; a
+    tensor handed to several modules with the same scales is quantized once."""
 
     def __init__(self, args: QuantizationArgs):
         self.args = args
         self._last: tuple[torch.Tensor | None, object, torch.Tensor | None] = (None, None, None)
 
     def hook(self, params: dict[str, torch.Tensor]):
+        # By value: fused siblings (q/k/v, gate/up) hold equal scales in tensors of their own,
+        # and their shared input is then quantized once.
+        key = tuple(float(v) for v in params.values())
+
         def quantize_input(module, args):
             x = args[0]
-            key = tuple(id(v) for v in params.values())
             if self._last[0] is not x or self._last[1] != key:
                 self._last = (x, key, self._quantize(x, params))
             return (self._last[2], *args[1:])

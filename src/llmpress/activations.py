@@ -60,9 +60,6 @@ class ActivationCache:
         assert self.directory is not None
         return self.directory / f"gen-{generation:05d}"
 
-    def __len__(self) -> int:
-        return len(self._memory) if self.directory is None else len(self._shapes)
-
     def get(self, index: int) -> torch.Tensor:
         if index in self._memory:
             return self._memory[index]

@@ -125,40 +125,16 @@ def compress(
     from llmpress.lazy_compile import deferred_torch_compile
 
     with deferred_torch_compile():
-        from llmpress.api import compress as run
-        from llmpress.api import compress_options
+        from llmpress.api import compress_options, run
         from llmpress.api import dry_run as plan_only
 
-    if dry_run:
-        options = compress_options(
-            scheme,
-            targets=targets or None,
-            ignore=ignore or None,
-            observer=observer,
-            group_size=group_size,
-            device=device,
-            max_shard_size=_size(max_shard_size),
-            packing=packing,
-            dataset=dataset,
-            num_samples=num_samples,
-            seq_len=seq_len,
-            seed=seed,
-            kv_cache=kv_cache,
-        )
-        cap = None if max_memory is None else _size(max_memory)
-        _print_plan(plan_only(model, options, cap), output)
-        return
-
-    result = run(
-        model,
-        output,
+    options = compress_options(
         scheme,
         targets=targets or None,
         ignore=ignore or None,
         observer=observer,
         group_size=group_size,
         device=device,
-        force=force,
         max_shard_size=_size(max_shard_size),
         packing=packing,
         dataset=dataset,
@@ -166,9 +142,13 @@ def compress(
         seq_len=seq_len,
         seed=seed,
         kv_cache=kv_cache,
-        progress=not quiet,
-        resume=resume,
-        max_memory=None if max_memory is None else _size(max_memory),
+    )
+    cap = None if max_memory is None else _size(max_memory)
+    if dry_run:
+        _print_plan(plan_only(model, options, cap), output)
+        return
+    result = run(
+        model, output, options, force=force, progress=not quiet, resume=resume, max_memory=cap
     )
     click.echo(
         f"wrote {result.output} — {result.quantized_modules} layers quantized, "

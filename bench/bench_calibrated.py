@@ -1,4 +1,5 @@
-"""FP8 with static activation scales, side by side: llmpress vs llm-compressor (issue 4).
+"""Calibrated compression side by side, llmpress vs llm-compressor: FP8 with static
+activation scales (issue 4) and GPTQ (issue 5, `--method gptq`).
 
 Both tools calibrate SmolLM2-135M on the same token ids: llmpress' built-in
 `pydoc-calibration` text, chosen and tokenized once here by `llmpress.data.calibration_set`
@@ -17,6 +18,11 @@ every quantized Linear.
 
     .venv/bin/python bench/bench_calibrated.py                      # 128 x 512, the issue's run
     .venv/bin/python bench/bench_calibrated.py --num-samples 8 --seq-len 128   # a quick check
+    .venv/bin/python bench/bench_calibrated.py --method gptq --scheme W4A16 --group-size 64
+
+With `--method gptq` llm-compressor runs `GPTQModifier` with the same scheme (config groups
+spelled out, so the group size is the same), block size, damping and activation order, and
+the tool `rtn` (llmpress without calibration, round to nearest) gives the baseline to beat.
 
 Results: a markdown table on stdout, bench/results/calibrated.json (one entry per
 samples x seq-len setting) and each run's log in bench/results/logs/.
@@ -59,8 +65,7 @@ from benchlib import (
 )
 
 DATASET = "pydoc-calibration"
-SCHEME = "FP8"
-TOOLS = ("llmpress", "oneshot")
+TOOLS = ("llmpress", "oneshot", "rtn")
 EVAL_LLMPRESS = ROOT / ".venv" / "bin" / "llmpress"  # eval needs the dev env (lm-eval et al.)
 GOALS = {"wall_s": 0.5, "peak_rss_mb": 1.0}  # llmpress / oneshot, issue 4
 
@@ -118,7 +123,7 @@ def _since(start: tuple[float, float], end: tuple[float, float]) -> list[float]:
     return [end[0] - start[0], end[1] - start[1]]
 
 
-def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str) -> None:
+def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str, recipe_path: str) -> None:
     """llm-compressor's documented calibrated path: load, oneshot with a dataset, save.
 
     Records the token ids that reach the embedding (which sequences it calibrated on), the
@@ -127,9 +132,10 @@ def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str) -> Non
     """
     t0 = _clock()
     import torch
+    from compressed_tensors.quantization import QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_import = _clock()
@@ -139,6 +145,13 @@ def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str) -> Non
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     t_load = _clock()
+
+    spec = json.loads(Path(recipe_path).read_text())
+    groups = {"group_0": QuantizationScheme.model_validate(spec["scheme"])}
+    if spec["method"] == "gptq":
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], **spec["gptq"])
+    else:
+        recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
 
     seen: list[list[int]] = []
 
@@ -166,7 +179,7 @@ def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str) -> Non
         model=model,
         processor=tokenizer,
         dataset=dataset,
-        recipe=QuantizationModifier(targets="Linear", scheme=SCHEME, ignore=["lm_head"]),
+        recipe=recipe,
         num_calibration_samples=len(ids),
         max_seq_length=calib["seq_len"],
         batch_size=1,
@@ -216,16 +229,53 @@ class CalRun(Run):
     ids_check: str | None = None  # None: consumed exactly the saved ids
 
 
+def recipe_spec(args: argparse.Namespace) -> Path:
+    """The scheme (as llmpress builds it, group size included) and GPTQ settings, for the
+    llm-compressor worker: both tools quantize to the same config."""
+    from llmpress.schemes import build_scheme
+
+    scheme = build_scheme(args.scheme, ["Linear"], args.group_size)
+    spec = {
+        "scheme": scheme.model_dump(mode="json", exclude_none=True),
+        "method": args.method,
+        "gptq": {
+            "block_size": args.block_size,
+            "dampening_frac": args.dampening_frac,
+            "actorder": None if args.actorder == "none" else args.actorder,
+        },
+    }
+    path = BENCH_CACHE / "recipe.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _scheme_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--scheme", args.scheme]
+    if args.group_size:
+        flags += ["--group-size", str(args.group_size)]
+    return flags
+
+
 def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> list[str]:
+    if tool == "rtn":
+        return [str(LLMPRESS), "compress", str(SMOLLM2), "-o", str(out), *_scheme_flags(args)] + [
+            "--quiet",
+            "--force",
+        ]
     if tool == "llmpress":
+        method = []
+        if args.method == "gptq":
+            method = ["--method", "gptq", "--actorder", args.actorder]
+            method += ["--block-size", str(args.block_size)]
+            method += ["--dampening-frac", str(args.dampening_frac)]
         return [
             str(LLMPRESS),
             "compress",
             str(SMOLLM2),
             "-o",
             str(out),
-            "--scheme",
-            SCHEME,
+            *_scheme_flags(args),
+            *method,
             "--dataset",
             DATASET,
             "--num-samples",
@@ -250,11 +300,15 @@ def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> l
         str(ids_path),
         "--meta",
         str(out.with_name("meta.json")),
+        "--recipe",
+        str(recipe_spec(args)),
     ]
 
 
 def check_ids(tool: str, out: Path, ids: list[list[int]], digest: str) -> str | None:
     """None when the run calibrated on exactly the saved ids, else what differs."""
+    if tool == "rtn":
+        return None  # no calibration
     if tool == "llmpress":
         manifest = json.loads((out / "llmpress.json").read_text())
         got = manifest.get("calibration", {}).get("sha256")
@@ -268,7 +322,7 @@ def run_one(
 ) -> tuple[CalRun, Path | None]:
     """One timed run; its output directory is returned (None on failure) for the checks."""
     in_bytes = sum(f.stat().st_size for f in SMOLLM2.glob("*.safetensors"))
-    run = CalRun("smollm2", SCHEME, tool, round(in_bytes / MB, 1))
+    run = CalRun("smollm2", args.scheme, tool, round(in_bytes / MB, 1))
     prepare_cache(SMOLLM2, cold=False)
     run.load1 = round(os.getloadavg()[0], 2)
     (BENCH_CACHE / "tmp").mkdir(parents=True, exist_ok=True)
@@ -276,7 +330,10 @@ def run_one(
     out = tmp / "out"
     logs = RESULTS_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"calibrated-{args.num_samples}x{args.seq_len}-{tool}.log"
+    log = (
+        logs
+        / f"calibrated-{args.method}-{args.scheme}-{args.num_samples}x{args.seq_len}-{tool}.log"
+    )
     try:
         wall, cpu, peak, rc = measure(command(tool, out, args, ids_path), tmp, log)
     except OSError as exc:  # e.g. an environment is missing: bash bench/setup_envs.sh
@@ -290,7 +347,7 @@ def run_one(
     run.wall_s, run.cpu_s = round(wall, 2), round(cpu, 2)
     run.peak_rss_mb = round(peak / MB, 1)
     run.out_mb = round(dir_bytes(out) / MB, 1)
-    if tool == "llmpress":
+    if tool in ("llmpress", "rtn"):
         m = re.search(r" in ([\d.]+) s\s*$", log.read_text(errors="replace"))
         run.own_s = float(m.group(1)) if m else None
     else:
@@ -326,8 +383,17 @@ def scale_tensors(out: Path) -> dict[str, dict[str, float]]:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 module, _, name = key.rpartition(".")
                 if name in ("weight_scale", "input_scale"):
-                    found.setdefault(module, {})[name] = f.get_tensor(key).float().item()
+                    # grouped scales: their mean magnitude, enough to compare the tools
+                    value = f.get_tensor(key).float().abs().mean().item()
+                    found.setdefault(module, {})[name] = value
     return found
+
+
+def static_inputs(scheme: str) -> bool:
+    from llmpress.calibrate import needs_calibration
+    from llmpress.schemes import build_scheme
+
+    return needs_calibration(build_scheme(scheme, ["Linear"]))
 
 
 def scale_check(scales: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -445,7 +511,13 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--tools", default="llmpress,oneshot", help=f"of {', '.join(TOOLS)}")
+    ap.add_argument("--scheme", default="FP8")
+    ap.add_argument("--group-size", type=int)
+    ap.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--dampening-frac", type=float, default=0.01)
+    ap.add_argument("--actorder", default="static", choices=["static", "group", "none"])
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--eval-windows", type=int, default=16, help="0 skips the evaluation")
     ap.add_argument("--keep", type=Path, help="move each tool's first output to KEEP/TOOL")
@@ -454,9 +526,10 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--meta", help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        work_oneshot(args.model, args.out, args.ids, args.meta)
+        work_oneshot(args.model, args.out, args.ids, args.meta, args.recipe)
         return
 
     python = os.path.relpath(sys.executable, ROOT)
@@ -517,6 +590,10 @@ def main() -> None:
     entry = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": cmdline,
+        "scheme": args.scheme,
+        "method": args.method,
+        "group_size": args.group_size,
+        "actorder": args.actorder,
         "calibration": {
             "dataset": DATASET,
             "samples": args.num_samples,
@@ -533,13 +610,19 @@ def main() -> None:
         "runs": [asdict(r) for r in runs],
     }
     setting = f"{args.num_samples}x{args.seq_len}-seed{args.seed}"
+    if args.method != "rtn" or args.scheme != "FP8":
+        setting = f"{args.method}-{args.scheme}-g{args.group_size}-{args.actorder}-{setting}"
     print(f"\nwrote {save_json(setting, entry)}")
     problems = [f"{r.tool} calibrated on other ids: {r.ids_check}" for r in runs if r.ids_check]
-    problems += [
-        f"{tool}: no input_scale on {', '.join(c['missing_input_scale'])}"
-        for tool, c in checks.items()
-        if c.get("missing_input_scale")
-    ]
+    problems += (
+        []
+        if not static_inputs(args.scheme)
+        else [
+            f"{tool}: no input_scale on {', '.join(c['missing_input_scale'])}"
+            for tool, c in checks.items()
+            if c.get("missing_input_scale")
+        ]
+    )
     if problems:
         sys.exit("\n".join(problems))
 

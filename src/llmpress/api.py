@@ -62,11 +62,17 @@ def compress(
     progress: bool = True,
     resume: bool = False,
     max_memory: int | None = None,
+    method: str | None = None,
+    block_size: int | None = None,
+    dampening_frac: float | None = None,
+    actorder: str | None = None,
+    offload_hessians: bool | None = None,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
 
-    Weights are quantized by round-to-nearest with a min-max or MSE observer, one decoder
-    layer at a time; schemes with static activation scales run calibration text (`dataset`)
+    Weights are quantized by round-to-nearest with a min-max or MSE observer, or with
+    `method="gptq"` solved by GPTQ on calibration text (`block_size`, `dampening_frac`,
+    `actorder` "static" | "group" | "none", `offload_hessians`), one decoder layer at a time; schemes with static activation scales run calibration text (`dataset`)
     through the layers. The input is never modified and OUTPUT appears only when complete;
     `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
     calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
@@ -86,6 +92,11 @@ def compress(
         seq_len=seq_len,
         seed=seed,
         kv_cache=kv_cache,
+        method=method,
+        block_size=block_size,
+        dampening_frac=dampening_frac,
+        actorder=actorder,
+        offload_hessians=offload_hessians,
     )
     return run(
         model,
@@ -144,7 +155,8 @@ def dry_run(
     calibration = None
     activation_bytes = 0
     static = needs_calibration(plan.scheme)
-    if static or plan.kv_cache is not None:
+    gptq = options.method == "gptq"
+    if static or gptq or plan.kv_cache is not None:
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
         hidden = getattr(source.config, "hidden_size", 0)
@@ -156,7 +168,7 @@ def dry_run(
         )
         # Passes per layer: observe inputs (static scales), observe the KV cache, run
         # compressed; 2 flops per weight and token.
-        passes = 1 + static + (plan.kv_cache is not None)
+        passes = 1 + (static or gptq) + (plan.kv_cache is not None)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         generation = tokens * hidden * 4  # float32 hidden states
         activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
@@ -173,7 +185,7 @@ def dry_run(
         "model": str(source.path),
         "scheme": options.scheme,
         "kv_cache": options.kv_cache,
-        "algorithm": "rtn + static activation scales" if static else "rtn",
+        "algorithm": options.method + (" + static activation scales" if static else ""),
         "observer": options.observer,
         "quantized_modules": len(plan.modules),
         "modules_by_kind": kinds,
@@ -242,8 +254,17 @@ def run(
             else:
                 cache = ActivationCache.reopen(spill, record["generation"], max_memory)
             calibrated = StaticCalibration(
-                source, plan, calibration, options.device, cache, resumed=record is not None
+                source,
+                plan,
+                calibration,
+                options.device,
+                cache,
+                resumed=record is not None,
+                gptq=gptq_options(options),
+                offload_hessians=options.offload_hessians,
             )
+            if record is not None:
+                calibrated.report.update(record.get("report", {}))
         try:
             _write_tensors(source, plan, options, writer, progress, calibrated, journal, record)
         except KeyboardInterrupt:
@@ -265,6 +286,8 @@ def run(
         manifest = _manifest(source, plan, options, shards)
         if calibration is not None:
             manifest["calibration"] = calibration.to_json()
+        if calibrated is not None and calibrated.report:
+            manifest["gptq"] = calibrated.report
         writer.commit(manifest, force)
     except BaseException:
         if not keep_partial:
@@ -290,13 +313,23 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
     )
 
 
+def gptq_options(options: CompressOptions):
+    """GPTQ's settings from the run's options, or None when weights are rounded to nearest."""
+    if options.method != "gptq":
+        return None
+    from llmpress.gptq import GPTQOptions
+
+    return GPTQOptions(options.block_size, options.dampening_frac, options.actorder)
+
+
 def _require_dataset(options: CompressOptions) -> None:
     if options.dataset is None:
-        what = (
-            f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
-            if options.kv_cache and options.scheme.upper() not in CALIBRATED
-            else f"{options.scheme} quantizes activations with static scales"
-        )
+        if options.method == "gptq":
+            what = "GPTQ solves the weights on the layers' inputs"
+        elif options.kv_cache and options.scheme.upper() not in CALIBRATED:
+            what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
+        else:
+            what = f"{options.scheme} quantizes activations with static scales"
         raise LlmpressError(
             f"{what}, computed from calibration text: give --dataset (e.g. "
             "pydoc-calibration, or a .txt/.jsonl file)"
@@ -307,7 +340,7 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
 
-    if not needs_calibration(plan.scheme) and plan.kv_cache is None:
+    if not needs_calibration(plan.scheme) and plan.kv_cache is None and options.method == "rtn":
         return None
     _require_dataset(options)
     from transformers import AutoTokenizer
@@ -409,7 +442,9 @@ def _write_tensors(
                 bar.update(nbytes if calibrated is None else int(layer is not None))
             if journal is not None:
                 layers_done += layer is not None
-                journal.record(i + 1, layers_done, calibrated.generation, writer.state())
+                journal.record(
+                    i + 1, layers_done, calibrated.generation, writer.state(), calibrated.report
+                )
     bar.close()
 
 

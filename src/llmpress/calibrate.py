@@ -18,6 +18,7 @@ float32, so the statistics are those of the model computed without intermediate 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -35,12 +36,15 @@ from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales
 from llmpress.activations import ActivationCache
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
+from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import Plan
-from llmpress.quantize import compress_layer, scheme_format
+from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
 from llmpress.source import ModelSource
+
+log = logging.getLogger(__name__)
 
 
 def needs_calibration(scheme: QuantizationScheme) -> bool:
@@ -55,37 +59,64 @@ def compute_dtype(device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if device.startswith("cpu") else checkpoint_dtype
 
 
-class _InputRanges:
-    """Running min and max of each watched module's first input over every sample; modules
-    handed the same tensor (q/k/v, gate/up) are reduced once. Once every watched module of a
-    batch has been seen, the layer's forward is cut short (StopLayer): nothing after the last
-    module's input is observed."""
+class _InputObserver:
+    """What calibration needs of each watched module's first input, over every sample: the
+    running min and max (static scales) and/or the Hessian mean(x xᵀ) (GPTQ). Modules handed
+    the same tensor (q/k/v, gate/up) are reduced once and share one Hessian. Once every
+    watched module of a batch has been seen, the layer's forward is cut short (StopLayer):
+    nothing after the last module's input is observed."""
 
-    def __init__(self, names: list[str]):
+    def __init__(
+        self,
+        names: list[str],
+        ranges: bool = True,
+        hessians: bool = False,
+        device: str = "cpu",
+        offload: bool = False,
+    ):
+        self.ranges, self.device, self.offload = ranges, device, offload
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
-        self._last: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, *[None] * 2)
+        self.hessians: dict[str, Hessian] | None = {} if hessians else None
+        self._last: torch.Tensor | None = None
+        self._range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fed: dict[int, Hessian] = {}  # Hessians this input was added to, by id
         self._unseen = set(names)
 
     def hook(self, name: str):
         def observe(module, args):
             x = args[0]
-            if self._last[0] is not x:
-                self._last = (x, x.min().float().cpu(), x.max().float().cpu())
-            _, lo, hi = self._last
-            self.lo[name] = torch.minimum(self.lo[name], lo)
-            self.hi[name] = torch.maximum(self.hi[name], hi)
+            if self._last is not x:
+                self._last, self._fed = x, {}
+                if self.ranges:
+                    self._range = (x.min().float().cpu(), x.max().float().cpu())
+            if self.ranges:
+                lo, hi = self._range
+                self.lo[name] = torch.minimum(self.lo[name], lo)
+                self.hi[name] = torch.maximum(self.hi[name], hi)
+            if self.hessians is not None:
+                self._feed(name, x)
             self._unseen.discard(name)
             if not self._unseen:
                 raise StopLayer
 
         return observe
 
+    def _feed(self, name: str, x: torch.Tensor) -> None:
+        hessian = self.hessians.get(name)
+        if hessian is None:  # first batch: share the Hessian of a module given this tensor
+            shared = next(iter(self._fed.values()), None)
+            hessian = shared if shared is not None else Hessian(x.shape[-1], x.device, self.offload)
+            self.hessians[name] = hessian
+        if id(hessian) not in self._fed:
+            hessian.add(x)
+            self._fed[id(hessian)] = hessian
+
     def start(self, layer, args) -> None:
         """A pre-hook on the layer: a batch begins, every module is still to be seen (a
         module that runs for some batches only, as an unrouted expert, never cuts one short)."""
         self._unseen = set(self.lo)
-        self._last = (None, *[None] * 2)
+        self._last, self._range, self._fed = None, None, {}
 
     def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lo = torch.stack([self.lo[m] for m in members]).min()
@@ -182,8 +213,11 @@ class StaticCalibration:
         device: str,
         cache: ActivationCache | None = None,
         resumed: bool = False,
+        gptq: GPTQOptions | None = None,
+        offload_hessians: bool = False,
     ):
-        """`resumed`: `cache` already holds the inputs of the first layer still to run."""
+        """`resumed`: `cache` already holds the inputs of the first layer still to run;
+        `gptq`: solve the weights by GPTQ on the layer's inputs."""
         self.static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
         if self.static and outside:
@@ -198,6 +232,9 @@ class StaticCalibration:
         dtype = compute_dtype(device, self.checkpoint_dtype)
         self.runner = LayerRunner(source, device, dtype=dtype, cache=cache)
         self.runner.capture(calibration.samples, hidden=not resumed)
+        self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
+        self.offload_hessians = offload_hessians
+        self.report: dict[str, dict] = {}  # GPTQ's per-module report, for the manifest
 
     @property
     def generation(self) -> int:
@@ -219,23 +256,99 @@ class StaticCalibration:
         read = {**others, **{f"{name}.weight": w for name, w in weights.items()}}
         layer = self.runner.load_layer(index, read)
         modules = self.runner.modules
-        if self.static:
-            ranges = _InputRanges(list(weights))
-            hooks = [modules[n].register_forward_pre_hook(ranges.hook(n)) for n in weights]
-            with _hooked([*hooks, layer.register_forward_pre_hook(ranges.start)]):
+        watch = None
+        if self.static or self.gptq is not None:
+            watch = _InputObserver(
+                list(weights),
+                ranges=self.static,
+                hessians=self.gptq is not None,
+                device=self.device,
+                offload=self.offload_hessians,
+            )
+            hooks = [modules[n].register_forward_pre_hook(watch.hook(n)) for n in weights]
+            with _hooked([*hooks, layer.register_forward_pre_hook(watch.start)]):
                 self.runner.forward_layer(index, update=False)
-        packed = compress_layer(
-            weights, self.plan.scheme, self.plan.fused, observer, self.device, layout
-        )
+        if self.gptq is not None:
+            states = self._gptq_states(weights, watch.hessians, observer)
+        else:
+            states = layer_states(weights, self.plan.scheme, self.plan.fused, observer, self.device)
+        packed = pack_states(states, self.plan.scheme, layout)
         if self.static:
             for name, state in packed.items():
-                state.update(self._input_params(name, ranges, weights[name].dtype))
-        readable = self._decompressible(packed, weights, observer, layout)
+                state.update(self._input_params(name, watch, weights[name].dtype))
+        readable = self._decompressible(packed, states, layout)
         self._run_compressed(index, layer, packed, readable)
         return packed
 
+    def _gptq_states(
+        self,
+        weights: dict[str, torch.Tensor],
+        hessians: dict[str, Hessian],
+        observer: str,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """GPTQ-solved states of one layer's modules. Modules sharing a Hessian are solved
+        together, stacked by rows, where their parameters are per row or per group."""
+        scheme, device = self.plan.scheme, self.device
+        args = scheme.weights
+        on_device = {n: w.to(device) for n, w in weights.items()}
+        gscales = global_scales(on_device, scheme, self.plan.fused)
+        stackable = args.strategy in (
+            QuantizationStrategy.CHANNEL,
+            QuantizationStrategy.GROUP,
+            QuantizationStrategy.TENSOR_GROUP,
+        )
+        groups: dict[int, list[str]] = {}
+        for name in weights:
+            if name not in hessians:
+                raise LlmpressError(f"{name} saw no calibration input; GPTQ cannot solve it")
+            groups.setdefault(id(hessians[name]), []).append(name)
+        if stackable:
+            solves = list(groups.values())
+        else:  # per-tensor or per-block parameters: each module alone, on the shared Hessian
+            solves = [[n] for members in groups.values() for n in members]
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for members in solves:
+            hessian = hessians[members[0]].mean(device)
+            stacked = torch.cat([on_device[m] for m in members])
+            for m in members:
+                check_finite(f"{m}.weight", on_device[m])
+            result = gptq_quantize(
+                stacked,
+                hessian,
+                args,
+                self.gptq,
+                observer,
+                gscales.get(members[0]),
+                on_device[members[0]].dtype,
+            )
+            start = 0
+            for m in members:
+                rows = slice(start, start + on_device[m].shape[0])
+                start = rows.stop
+                state = {
+                    "weight": result.weight[rows],
+                    "weight_scale": _rows(result.scale, rows),
+                    "weight_zero_point": _rows(result.zero_point, rows),
+                }
+                if m in gscales:
+                    state["weight_global_scale"] = gscales[m].clone()
+                if result.g_idx is not None:
+                    state["weight_g_idx"] = result.g_idx
+                states[m] = state
+                self.report[m] = {
+                    "solved_with": members,
+                    "loss_rtn": result.loss_rtn,
+                    "loss": result.loss,
+                    "damping": result.damping,
+                    "seconds": round(result.seconds, 3),
+                }
+                for note in result.notes:
+                    log.warning("%s: %s", m, note)
+            del hessian
+        return states
+
     def _input_params(
-        self, name: str, ranges: _InputRanges, dtype: torch.dtype
+        self, name: str, ranges: _InputObserver, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """The stored tensors of module `name`'s input quantization."""
         fused = tuple(m for m in self.plan.fused.get(name, (name,)) if m in ranges.lo)
@@ -276,12 +389,17 @@ class StaticCalibration:
             self.runner.forward_layer(index)
         self.runner.unload_layer(index)
 
-    def _decompressible(self, packed, weights, observer, layout):
+    def _decompressible(self, packed, states, layout):
         """`packed`, or for odd bit widths packed for another compressed-tensors (--packing),
         the same weights packed as the installed one reads them."""
         args = self.plan.scheme.weights
         if args.type != "int" or not layouts_differ(args.num_bits) or layout == installed_layout():
             return packed
-        return compress_layer(
-            weights, self.plan.scheme, self.plan.fused, observer, self.device, installed_layout()
-        )
+        return pack_states(states, self.plan.scheme, installed_layout())
+
+
+def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """Rows of a per-row (channel or group) parameter; a per-tensor one is shared."""
+    if tensor is None or tensor.numel() == 1:
+        return tensor
+    return tensor[rows]

@@ -69,8 +69,18 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
     }
     if plan.kv_cache is not None:
         modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
-    recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
-    header = f"# written by llmpress: scheme {options.scheme}, observer {options.observer}\n"
+    kind = "QuantizationModifier"
+    if options.method == "gptq":
+        kind = "GPTQModifier"
+        modifier["block_size"] = options.block_size
+        modifier["dampening_frac"] = options.dampening_frac
+        modifier["actorder"] = None if options.actorder == "none" else options.actorder
+        modifier["offload_hessians"] = options.offload_hessians
+    recipe = {"quant_stage": {"quant_modifiers": {kind: modifier}}}
+    header = (
+        f"# written by llmpress: scheme {options.scheme}, method {options.method}, "
+        f"observer {options.observer}\n"
+    )
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -169,7 +179,16 @@ def summarize(checkpoint: Path) -> dict:
         "size_bytes": size,
         "bf16_equivalent_bytes": dense_bytes,
         "compression_ratio": dense_bytes / size if size else 0.0,
+        "gptq": _gptq_report(checkpoint),
     }
+
+
+def _gptq_report(checkpoint: Path) -> dict | None:
+    """GPTQ's per-module report from llmpress.json, where the checkpoint was solved by it."""
+    manifest = checkpoint / "llmpress.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("gptq")
 
 
 def _describe_args(args) -> str:

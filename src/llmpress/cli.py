@@ -90,6 +90,33 @@ def main() -> None:
     "per layer, fp8-head one per KV head.",
 )
 @click.option(
+    "--method",
+    type=click.Choice(["rtn", "gptq"]),
+    default=None,
+    help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations.",
+)
+@click.option("--block-size", type=int, default=None, help="GPTQ columns per block (default 128).")
+@click.option(
+    "--dampening-frac",
+    type=float,
+    default=None,
+    help="GPTQ damping, a fraction of the Hessian's mean diagonal (default 0.01; raised x10 "
+    "on a failed factorization).",
+)
+@click.option(
+    "--actorder",
+    type=click.Choice(["static", "weight", "group", "dynamic", "none"]),
+    default=None,
+    help="GPTQ column order: static (default; by activation size, no runtime cost), group "
+    "(groups in that order, stored as weight_g_idx), or none.",
+)
+@click.option(
+    "--offload-hessians",
+    is_flag=True,
+    default=None,
+    help="Keep GPTQ's Hessians in host memory (with --device cuda).",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue an interrupted calibrated run of this command from its last finished layer.",
@@ -120,6 +147,11 @@ def compress(
     resume,
     max_memory,
     kv_cache,
+    method,
+    block_size,
+    dampening_frac,
+    actorder,
+    offload_hessians,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -142,6 +174,11 @@ def compress(
         seq_len=seq_len,
         seed=seed,
         kv_cache=kv_cache,
+        method=method,
+        block_size=block_size,
+        dampening_frac=dampening_frac,
+        actorder=actorder,
+        offload_hessians=offload_hessians or None,
     )
     cap = None if max_memory is None else _size(max_memory)
     if dry_run:
@@ -226,6 +263,15 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
     click.echo(f"  quantized layers: {info['quantized_layers']}")
     for kind, stored in info["layers_by_kind"].items():
         click.echo(f"    {kind}: {', '.join(f'{n} x {label}' for label, n in stored.items())}")
+    if info.get("gptq"):
+        report = info["gptq"]
+        better = sum(r["loss"] < r["loss_rtn"] for r in report.values())
+        click.echo(f"  GPTQ: {len(report)} modules, {better} below round-to-nearest's error")
+        for name, r in report.items():
+            click.echo(
+                f"    {name}: loss {r['loss']:.4g} (rtn {r['loss_rtn']:.4g}), "
+                f"damping {r['damping']:g}, {r['seconds']:.2f} s"
+            )
     click.echo(
         f"  size on disk {info['size_bytes'] / 1e6:.1f} MB; 16-bit equivalent "
         f"{info['bf16_equivalent_bytes'] / 1e6:.1f} MB; ratio {info['compression_ratio']:.2f}x"

@@ -39,7 +39,7 @@ def fast_compress(
         fmt not in _FORMATS
         or args.strategy not in _STRATEGIES
         or args.scale_dtype is not None
-        or args.actorder is not None
+        or "weight_g_idx" in state  # group activation order: the generic compressor
         or not (is_int or is_fp8)
         or (fmt == "pack-quantized") != is_int
         or (not args.symmetric and not is_int)

@@ -45,7 +45,15 @@ class Journal:
                 "with the same options to resume it, or pass --force to start over"
             )
 
-    def record(self, groups_done: int, layers_done: int, generation: int, writer: dict) -> None:
+    def record(
+        self,
+        groups_done: int,
+        layers_done: int,
+        generation: int,
+        writer: dict,
+        report: dict | None = None,
+    ) -> None:
+        """`report`: per-module results of the layers done (GPTQ's), kept for the manifest."""
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {
             "version": JOURNAL_VERSION,
@@ -54,6 +62,7 @@ class Journal:
             "layers_done": layers_done,
             "generation": generation,
             "writer": writer,
+            "report": report or {},
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))

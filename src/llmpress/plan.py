@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from compressed_tensors.quantization import (
+    ActivationOrdering,
     QuantizationArgs,
     QuantizationScheme,
     QuantizationStrategy,
@@ -59,6 +60,15 @@ class CompressOptions(BaseModel):
     # FP8 KV cache: "fp8" one k/v scale per attention, "fp8-head" one per KV head (see
     # llmpress.kvcache); calibrated on `dataset`.
     kv_cache: Literal["fp8", "fp8-head"] | None = None
+    # How weights are rounded: "rtn" (round to nearest, by the observer) or "gptq" (error
+    # feedback through the inputs' Hessian, llmpress.gptq; needs `dataset`).
+    method: Literal["rtn", "gptq"] = "rtn"
+    block_size: int = Field(default=128, gt=0)
+    dampening_frac: float = Field(default=0.01, gt=0)
+    # GPTQ's column order: "static" (= "weight", llm-compressor's default), "group"
+    # (= "dynamic": groups in activation order, `weight_g_idx` stored), or "none" (in order).
+    actorder: Literal["static", "weight", "group", "dynamic", "none"] = "static"
+    offload_hessians: bool = False
 
     @property
     def layout(self) -> str:
@@ -133,6 +143,8 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
             f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
         )
     _check_divisible(scheme, chosen, linears)
+    if options.method == "gptq":
+        _gptq_actorder(scheme, options.actorder)
     kv_cache = None
     if options.kv_cache is not None:
         kv_cache = kv_cache_args(options.kv_cache)
@@ -176,6 +188,21 @@ def _check_divisible(
             f"group size {args.group_size} does not divide in_features of {layers}; "
             f"use {hint}, or --ignore those layers"
         )
+
+
+def _gptq_actorder(scheme: QuantizationScheme, actorder: str) -> None:
+    """Record GPTQ's activation order in the scheme, as readers expect it; group order needs
+    int groups (readers reorder columns by `weight_g_idx`)."""
+    args = scheme.weights
+    if actorder in ("group", "dynamic"):
+        if args.strategy != QuantizationStrategy.GROUP or args.type != "int":
+            raise LlmpressError(
+                f"--actorder {actorder} needs int weights in groups (W4A16, W8A16...); "
+                f"{args.type} {args.strategy} weights take --actorder static or none"
+            )
+        args.actorder = ActivationOrdering.GROUP
+    elif actorder != "none" and args.strategy == QuantizationStrategy.GROUP:
+        args.actorder = ActivationOrdering.STATIC
 
 
 def _generic(name: str) -> str:

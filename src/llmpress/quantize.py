@@ -48,30 +48,22 @@ def _qparams(name, weight, args, observer, gscale):
         raise
 
 
-def compress_layer(
+def layer_states(
     weights: dict[str, torch.Tensor],
     scheme: QuantizationScheme,
     fused: dict[str, tuple[str, ...]],
     observer: str = "minmax",
     device: str = "cpu",
-    layout: Layout = "padded",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Compress the weights of several modules of one layer; keys are module names.
+    """Round-to-nearest parameters of several modules of one layer, by module name: each a
+    state (`weight`, `weight_scale`, `weight_zero_point`, ...) for `pack_states`.
 
     All modules are given together so that fused siblings (q/k/v, gate/up) can share NVFP4's
-    global scale. Returned tensors are on the CPU, named locally (`weight_packed`, ...).
+    global scale.
     """
     args = scheme.weights
-    fmt = scheme_format(scheme)
-    compressor = BaseCompressor.get_value_from_registry(fmt)
     on_device = {name: w.to(device) for name, w in weights.items()}
-    gscales: dict[str, torch.Tensor] = {}
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        for name in on_device:
-            group = fused.get(name, (name,))
-            if name not in gscales:
-                shared = global_scale([on_device[m] for m in group if m in on_device])
-                gscales.update({m: shared for m in group})
+    gscales = global_scales(on_device, scheme, fused)
     out = {}
     for name, weight in on_device.items():
         gscale = gscales.get(name)
@@ -80,9 +72,42 @@ def compress_layer(
             # Stored scales take the weight's dtype (what vLLM and llm-compressor write);
             # quantizing with the rounded scale keeps stored bytes and reference identical.
             scale = scale.to(weight.dtype)
-        state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
+        out[name] = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
         if gscale is not None:
-            state["weight_global_scale"] = gscale.clone()  # one tensor per module on disk
+            out[name]["weight_global_scale"] = gscale.clone()  # one tensor per module on disk
+    return out
+
+
+def global_scales(
+    weights: dict[str, torch.Tensor],
+    scheme: QuantizationScheme,
+    fused: dict[str, tuple[str, ...]],
+) -> dict[str, torch.Tensor]:
+    """NVFP4's per-tensor global scales, one shared by each group of fused siblings; empty
+    for other schemes."""
+    gscales: dict[str, torch.Tensor] = {}
+    if scheme.weights.strategy != QuantizationStrategy.TENSOR_GROUP:
+        return gscales
+    for name in weights:
+        group = fused.get(name, (name,))
+        if name not in gscales:
+            shared = global_scale([weights[m] for m in group if m in weights])
+            gscales.update({m: shared for m in group})
+    return gscales
+
+
+def pack_states(
+    states: dict[str, dict[str, torch.Tensor]],
+    scheme: QuantizationScheme,
+    layout: Layout = "padded",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each module's state in its stored form (`weight_packed`, ...), on the CPU, by
+    compressed-tensors' compressor for the scheme's format (or our equal fast path)."""
+    args = scheme.weights
+    fmt = scheme_format(scheme)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    out = {}
+    for name, state in states.items():
         packed = fast_compress(state, scheme, fmt, layout)
         if packed is None:
             if (
@@ -97,3 +122,16 @@ def compress_layer(
             packed = compressor.compress(state, scheme)
         out[name] = {k: v.detach().to("cpu").contiguous() for k, v in packed.items()}
     return out
+
+
+def compress_layer(
+    weights: dict[str, torch.Tensor],
+    scheme: QuantizationScheme,
+    fused: dict[str, tuple[str, ...]],
+    observer: str = "minmax",
+    device: str = "cpu",
+    layout: Layout = "padded",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Compress the weights of several modules of one layer by round-to-nearest; keys are
+    module names, tensors named locally (`weight_packed`, ...)."""
+    return pack_states(layer_states(weights, scheme, fused, observer, device), scheme, layout)

@@ -1,0 +1,310 @@
+"""GPTQ: quantize a weight one column at a time, pushing each column's rounding error onto the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs
+(Frantar et al., 2022, arXiv:2210.17323; the structure follows the paper's reference code:
+lazy block updates, Cholesky of the inverse Hessian, optional activation order).
+
+The inputs' second moment H = mean(x xᵀ) is accumulated in float32 during the calibration
+pass; modules that read the same tensor (q/k/v, gate/up) share one. Rows are independent
+given H, so modules sharing a Hessian are solved together, stacked by rows: one pass of the
+column loop for q, k and v instead of three.
+
+Quantization parameters follow the scheme: per tensor, channel or block they are computed
+once from the original weight; per group they are computed as the solve reaches each group,
+from the updated weights (the classic GPTQ), or, with `actorder="static"`/`"weight"`, once from
+the original weight while columns are visited in activation order. With `actorder="group"`
+groups are formed in activation order and the checkpoint carries `weight_g_idx`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import calculate_range
+
+from llmpress.errors import LlmpressError
+from llmpress.observers import weight_qparams
+
+log = logging.getLogger(__name__)
+
+# Damping retries when the damped Hessian is still not positive definite: x10 each time.
+DAMPING_RETRIES = 4
+
+
+@dataclass
+class GPTQOptions:
+    block_size: int = 128
+    dampening_frac: float = 0.01
+    actorder: str | None = "static"  # "none", "static" (= "weight"), "group" (= "dynamic")
+
+    @property
+    def order(self) -> str | None:
+        """The canonical activation ordering: None, "weight" or "group"."""
+        aliases = {"static": "weight", "dynamic": "group", "none": None}
+        return aliases.get(self.actorder, self.actorder) if self.actorder else None
+
+
+class Hessian:
+    """The running mean of x xᵀ over every token a module group has read."""
+
+    def __init__(self, columns: int, device: torch.device | str, offload: bool = False):
+        self.offload = offload
+        self.sum = torch.zeros(
+            columns, columns, dtype=torch.float32, device="cpu" if offload else device
+        )
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype == torch.float32:
+            product = x.t() @ x
+        elif x.is_cuda:  # bf16/fp16 products summed in float32 by the GPU, without a copy of x
+            product = torch.mm(x.t(), x, out_dtype=torch.float32)
+        else:
+            x = x.float()
+            product = x.t() @ x
+        self.sum += product.to(self.sum.device)
+        self.tokens += x.shape[0]
+
+    def mean(self, device: torch.device | str) -> torch.Tensor:
+        if self.tokens == 0:
+            raise LlmpressError("a module saw no calibration tokens; GPTQ needs its inputs")
+        return (self.sum / self.tokens).to(device)
+
+
+@dataclass
+class GPTQResult:
+    """A solved weight: its values on the quantization grid (float32) and its stored
+    parameters; the output error of round-to-nearest and of GPTQ on the calibration inputs
+    (mean over tokens of |ΔW x|², summed over rows)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    loss_rtn: float
+    loss: float
+    damping: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _column_args(args: QuantizationArgs) -> QuantizationArgs:
+    """The same quantization, applied to one column with one scale per row."""
+    return args.model_copy(
+        update={"strategy": QuantizationStrategy.CHANNEL, "group_size": None, "actorder": None}
+    )
+
+
+def _stored(scale: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype) -> torch.Tensor:
+    # As the RTN path stores them: in the weight's dtype unless the scheme fixes one.
+    return scale.to(dtype) if args.scale_dtype is None else scale
+
+
+def _column_params(scale, zero_point, args, rows: int):
+    """Per-column (rows, 1) views of tensor, channel or block parameters: a function of the
+    column index."""
+    strategy = args.strategy
+    if strategy in (QuantizationStrategy.TENSOR, QuantizationStrategy.CHANNEL):
+        s = scale.reshape(-1, 1).expand(rows, 1)
+        z = zero_point.reshape(-1, 1).expand(rows, 1) if zero_point is not None else None
+        return lambda column: (s, z)
+    if strategy == QuantizationStrategy.BLOCK:
+        bh, bw = args.block_structure
+        s_rows = scale.repeat_interleave(bh, dim=0)[:rows]
+        z_rows = zero_point.repeat_interleave(bh, dim=0)[:rows] if zero_point is not None else None
+        return lambda column: (
+            s_rows[:, column // bw : column // bw + 1],
+            z_rows[:, column // bw : column // bw + 1] if z_rows is not None else None,
+        )
+    raise AssertionError(strategy)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """mean over tokens of |ΔW x|², from H = mean(x xᵀ): sum((ΔW H) ∘ ΔW)."""
+    return float(((delta @ hessian) * delta).sum())
+
+
+def _inverse_cholesky(
+    hessian: torch.Tensor, fraction: float
+) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor of the damped inverse Hessian, retrying with larger damping when
+    the factorization fails; returns it with the damping fraction used."""
+    notes = []
+    mean_diag = float(torch.mean(torch.diag(hessian)))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(DAMPING_RETRIES + 1):
+        damped = hessian + eye * (fraction * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, fraction, notes
+        if attempt < DAMPING_RETRIES:
+            notes.append(f"Cholesky failed at damping {fraction:g}; retrying at {fraction * 10:g}")
+            fraction *= 10
+    raise LlmpressError(
+        f"the Hessian is not positive definite even at damping {fraction:g}; the calibration "
+        "data may be too small for this layer (more --num-samples)"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantizationArgs,
+    options: GPTQOptions,
+    observer: str = "minmax",
+    global_scale: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> GPTQResult:
+    """GPTQ for one (possibly row-stacked) weight [rows, columns] given H = mean(x xᵀ) over its
+    inputs [columns, columns]. Works in float32 on the weight's device."""
+    start = time.perf_counter()
+    w = weight.to(torch.float32).clone()
+    rows, columns = w.shape
+    h = hessian.to(w.device, torch.float32).clone()
+    grouped = args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
+    order = options.order
+    if order == "group" and not grouped:
+        order = "weight"  # without groups, the orders are the same thing
+    dead = torch.diag(h) == 0  # inputs that are always zero: any weight there is free
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    original = w.clone()
+
+    # Upfront parameters: per tensor/channel/block always, per group with actorder=weight.
+    upfront = not grouped or order == "weight"
+    scale = zero_point = None
+    if upfront:
+        scale, zero_point = weight_qparams(w, args, observer, global_scale)
+        scale = _stored(scale, args, scale_dtype)
+
+    perm = None
+    if order is not None:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    upper, damping, notes = _inverse_cholesky(h, options.dampening_frac)
+
+    g = args.group_size if grouped else None
+    if grouped:
+        n_groups = columns // g
+        scales = [None] * n_groups
+        zeros = [None] * n_groups
+        if upfront:
+            scales = [scale[:, i : i + 1] for i in range(n_groups)]
+            zeros = [
+                zero_point[:, i : i + 1] if zero_point is not None else None
+                for i in range(n_groups)
+            ]
+    else:
+        params_of = _column_params(scale, zero_point, args, rows)
+
+    qdq = _column_quantizer(args, global_scale)
+    quantized = torch.zeros_like(w)
+    block_size = options.block_size
+    for b0 in range(0, columns, block_size):
+        b1 = min(b0 + block_size, columns)
+        w1 = w[:, b0:b1].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i  # position in processing order
+            original_col = int(perm[col]) if perm is not None else col
+            if grouped:
+                group = original_col // g if order != "group" else col // g
+                if scales[group] is None:  # the group starts here (in processing order)
+                    span = torch.cat([w1[:, i:], w[:, b1 : col + g]], dim=1)[:, :g]
+                    s, z = weight_qparams(span, _group_args(args, g), observer, global_scale)
+                    scales[group] = _stored(s, args, scale_dtype)
+                    zeros[group] = z
+                s, z = scales[group], zeros[group]
+            else:
+                s, z = params_of(original_col)
+            x = w1[:, i]
+            q = qdq(x, s.reshape(-1), z.reshape(-1) if z is not None else None)
+            quantized[:, col] = q
+            e = (x - q).div_(u1[i, i])
+            w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
+            err1[:, i] = e
+        w[:, b1:].addmm_(err1, upper[b0:b1, b1:], alpha=-1)
+
+    g_idx = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        quantized = quantized[:, inverse]
+        if order == "group":
+            g_idx = (inverse // g).to(torch.int32)
+    if grouped:
+        scale = torch.cat(scales, dim=1)
+        zero_point = torch.cat(zeros, dim=1) if zeros[0] is not None else None
+
+    hessian = hessian.to(w.device, torch.float32)
+    rtn = _rtn(original, args, observer, global_scale, scale_dtype)
+    return GPTQResult(
+        weight=quantized,
+        scale=scale,
+        zero_point=zero_point,
+        g_idx=g_idx,
+        loss_rtn=output_error(original - rtn, hessian),
+        loss=output_error(original - quantized, hessian),
+        damping=damping,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None):
+    """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], in
+    float32. Int and fp8 weights take a direct path with compressed-tensors' arithmetic
+    (divide, add the zero point, clamp, round or cast); other types go through its
+    fake_quantize."""
+    if global_scale is None and (
+        args.type == "int" or (args.type == "float" and args.num_bits == 8)
+    ):
+        q_min, q_max = (float(v) for v in calculate_range(args, "cpu"))
+        fp8 = args.type == "float"
+
+        def direct(x, scale, zero_point):
+            scale = scale.to(torch.float32)
+            scaled = x / scale
+            if zero_point is not None:
+                zero_point = zero_point.to(torch.float32)
+                scaled += zero_point
+            scaled.clamp_(q_min, q_max)
+            q = scaled.to(torch.float8_e4m3fn).to(torch.float32) if fp8 else scaled.round_()
+            if zero_point is not None:
+                q -= zero_point
+            return q.mul_(scale)
+
+        return direct
+    column_args = _column_args(args)
+
+    def generic(x, scale, zero_point):
+        z = zero_point.reshape(-1, 1) if zero_point is not None else None
+        q = fake_quantize(
+            x.reshape(-1, 1), scale.reshape(-1, 1), z, column_args, global_scale=global_scale
+        )
+        return q.reshape(-1).to(torch.float32)
+
+    return generic
+
+
+def _group_args(args: QuantizationArgs, g: int) -> QuantizationArgs:
+    """Parameters of one group [rows, g]: the scheme's own arithmetic, one group per row."""
+    return args.model_copy(update={"group_size": g, "actorder": None})
+
+
+def _rtn(weight, args, observer, global_scale, scale_dtype) -> torch.Tensor:
+    """Round-to-nearest of the same weight, for the report's comparison."""
+    scale, zero_point = weight_qparams(weight, args, observer, global_scale)
+    scale = _stored(scale, args, scale_dtype)
+    no_order = args.model_copy(update={"actorder": None})
+    return fake_quantize(weight, scale, zero_point, no_order, global_scale=global_scale).to(
+        torch.float32
+    )

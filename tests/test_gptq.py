@@ -1,0 +1,256 @@
+"""GPTQ (`--method gptq`): lower output error than round-to-nearest on real weights, singular
+and indefinite Hessians handled, activation-order checkpoints read correctly by transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from helpers import ct_decompressed_weights, load_transformers, logits, stored_modules
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmpress import compress
+from llmpress.cli import main as cli
+from llmpress.data import calibration_set
+from llmpress.errors import LlmpressError
+from llmpress.gptq import GPTQOptions, gptq_quantize, output_error
+from llmpress.schemes import build_scheme
+
+CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)
+LAYER0 = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.o_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2_w4(smollm2, tmp_path_factory):
+    """SmolLM2 at W4A16 (groups of 64), by GPTQ and by round-to-nearest."""
+    root = tmp_path_factory.mktemp("gptq")
+    compress(
+        str(smollm2),
+        str(root / "gptq"),
+        "W4A16",
+        group_size=64,
+        method="gptq",
+        progress=False,
+        **CALIBRATION,
+    )
+    compress(str(smollm2), str(root / "rtn"), "W4A16", group_size=64, progress=False)
+    return root / "gptq", root / "rtn"
+
+
+def _layer0_inputs(model_dir, names) -> dict[str, torch.Tensor]:
+    """Each named layer-0 module's inputs on the calibration samples, from the float32 model:
+    they depend on no quantization."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_set(
+        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
+    ).samples
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    seen = {name: [] for name in names}
+    hooks = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, key=name: seen[key].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.inference_mode():
+        for sample in samples:
+            model(sample.unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(values) for name, values in seen.items()}
+
+
+def test_gptq_lowers_each_modules_output_error_on_real_weights(smollm2, smollm2_w4):
+    gptq, rtn = smollm2_w4
+    inputs = _layer0_inputs(smollm2, LAYER0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).model.layers[0]
+    solved, rounded = ct_decompressed_weights(gptq), ct_decompressed_weights(rtn)
+    for name in LAYER0:
+        full = f"model.layers.0.{name}"
+        w = base.get_submodule(name).weight.float()
+        x = inputs[name]
+        err_gptq = ((solved[full].float() - w) @ x.T).pow(2).mean()
+        err_rtn = ((rounded[full].float() - w) @ x.T).pow(2).mean()
+        assert err_gptq < 0.7 * err_rtn, (name, float(err_gptq), float(err_rtn))
+    # The report in the manifest: every module, every layer, lower than round-to-nearest.
+    report = json.loads((gptq / "llmpress.json").read_text())["gptq"]
+    assert len(report) == 30 * 7
+    assert all(r["loss"] < r["loss_rtn"] and r["damping"] == 0.01 for r in report.values())
+    # q/k/v and gate/up were solved together, on one Hessian.
+    assert sorted(report["model.layers.3.self_attn.k_proj"]["solved_with"]) == [
+        f"model.layers.3.self_attn.{m}_proj" for m in "kqv"
+    ]
+    recipe = (gptq / "recipe.yaml").read_text()
+    assert "GPTQModifier" in recipe and "actorder: static" in recipe
+
+
+def test_gptq_checkpoint_is_closer_to_the_base_than_rtn(smollm2, smollm2_w4):
+    gptq, rtn = smollm2_w4
+    from llmpress.evaluate.texts import load_text
+
+    text = load_text("pydoc")[-20_000:]  # held out from the calibration text
+    ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt").input_ids[:, :256]
+    base = logits(load_transformers(smollm2, decompress=False), ids)
+
+    def kl(checkpoint):
+        got = logits(load_transformers(checkpoint, decompress=False), ids)
+        return float(
+            torch.nn.functional.kl_div(
+                got.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean"
+            )
+        )
+
+    assert kl(gptq) < 0.8 * kl(rtn)
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x / x.shape[0]
+
+
+def test_dead_input_channels_are_handled():
+    torch.manual_seed(0)
+    args = build_scheme("W4A16", ["Linear"], 32).weights
+    w = torch.randn(64, 128)
+    x = torch.randn(512, 128)
+    x[:, [3, 40, 77]] = 0  # inputs that never fire: a singular Hessian
+    h = _hessian(x)
+    result = gptq_quantize(w, h, args, GPTQOptions(actorder="none"))
+    assert torch.isfinite(result.weight).all()
+    assert (result.weight[:, [3, 40, 77]] == 0).all()  # free weights quantize to zero
+    assert result.loss < result.loss_rtn
+    assert result.damping == 0.01 and not result.notes
+
+
+def test_an_indefinite_hessian_is_retried_with_more_damping():
+    torch.manual_seed(0)
+    args = build_scheme("W8A8", ["Linear"]).weights  # int8 per channel
+    n = 64
+    basis, _ = torch.linalg.qr(torch.randn(n, n))
+    eigen = torch.ones(n)
+    eigen[-1] = -0.05  # 1 % damping leaves it indefinite, 10 % does not
+    h = basis @ torch.diag(eigen) @ basis.T
+    result = gptq_quantize(torch.randn(32, n), h, args, GPTQOptions())
+    assert result.damping == pytest.approx(0.1)
+    assert result.notes and "retrying" in result.notes[0]
+    assert torch.isfinite(result.weight).all()
+
+
+def test_gptq_error_matches_its_definition():
+    """The reported loss is mean over tokens of |ΔW x|²."""
+    torch.manual_seed(0)
+    x, delta = torch.randn(256, 32), torch.randn(8, 32)
+    direct = (delta @ x.T).pow(2).sum(0).mean()
+    assert output_error(delta, _hessian(x)) == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_group_actorder_checkpoint_loads_and_matches_its_reference(tokenized_llama, tmp_path):
+    out = tmp_path / "group"
+    compress(
+        str(tokenized_llama),
+        str(out),
+        "W4A16",
+        group_size=32,
+        method="gptq",
+        actorder="group",
+        progress=False,
+        **CALIBRATION,
+    )
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    # The reference: weights rebuilt from the stored ints, scales and g_idx by hand.
+    reference = AutoModelForCausalLM.from_pretrained(tokenized_llama, dtype=torch.float32)
+    reordered = 0
+    for module, state in stored_modules(out).items():
+        if "weight_packed" not in state:
+            continue
+        g_idx = state["weight_g_idx"].long()
+        rows, cols = state["weight_shape"].tolist()
+        ints = unpack_from_int32(state["weight_packed"], 4, torch.Size([rows, cols]))
+        weight = ints.float() * state["weight_scale"].float()[:, g_idx]
+        reference.get_submodule(module).weight.data = weight
+        reordered += not torch.equal(g_idx, torch.arange(cols) // 32)
+    assert reordered > 50  # activation order changed the groups of most modules
+    ids = torch.tensor([list(range(100, 164))])
+    want = logits(reference.eval(), ids)
+    got = logits(load_transformers(out, decompress=False, dtype=torch.float32), ids)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["W4A16_ASYM", "W8A8"])
+def test_other_schemes_load_close_to_the_base(scheme, tokenized_llama, tmp_path):
+    out = tmp_path / scheme
+    group = 32 if scheme == "W4A16_ASYM" else None
+    compress(
+        str(tokenized_llama),
+        str(out),
+        scheme,
+        group_size=group,
+        method="gptq",
+        progress=False,
+        **CALIBRATION,
+    )
+    rtn = tmp_path / f"{scheme}-rtn"
+    compress(str(tokenized_llama), str(rtn), scheme, group_size=group, progress=False)
+    report = json.loads((out / "llmpress.json").read_text())["gptq"]
+    assert all(r["loss"] < r["loss_rtn"] for r in report.values())
+    ids = torch.tensor([list(range(100, 164))])
+    base = logits(load_transformers(tokenized_llama, decompress=False), ids)
+    got = logits(load_transformers(out, decompress=False), ids)
+    assert torch.isfinite(got).all()
+    assert (got - base).norm() / base.norm() < 0.5
+
+
+def test_gptq_needs_data_and_int_groups_for_group_order(tokenized_llama, tmp_path):
+    with pytest.raises(LlmpressError, match="GPTQ solves the weights"):
+        compress(
+            str(tokenized_llama),
+            str(tmp_path / "a"),
+            "W4A16",
+            group_size=32,
+            method="gptq",
+            progress=False,
+        )
+    with pytest.raises(LlmpressError, match="--actorder group needs int weights in groups"):
+        compress(
+            str(tokenized_llama),
+            str(tmp_path / "b"),
+            "FP8_DYNAMIC",
+            method="gptq",
+            actorder="group",
+            progress=False,
+            **CALIBRATION,
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_gptq_dry_run(tokenized_llama, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compress",
+            str(tokenized_llama),
+            "-o",
+            str(tmp_path / "x"),
+            "--scheme",
+            "W4A16",
+            "--group-size",
+            "32",
+            "--method",
+            "gptq",
+            "--dataset",
+            "pydoc-calibration",
+            "--dry-run",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "gptq" in result.output and not (tmp_path / "x").exists()

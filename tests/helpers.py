@@ -50,6 +50,35 @@ def load_transformers(checkpoint: Path, decompress: bool = True, dtype=torch.bfl
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs).eval()
 
 
+def layer0_inputs(model_dir: Path, names, calibration: dict) -> dict[str, torch.Tensor]:
+    """Each named layer-0 module's inputs [tokens, in_features] on the calibration samples,
+    from the plain float32 model (as calibration computes on the CPU): they depend on no
+    quantization, so an independent reference for layer 0's scales and errors."""
+    from transformers import AutoTokenizer
+
+    from llmpress.data import calibration_set
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_set(
+        calibration["dataset"], tokenizer, calibration["num_samples"], calibration["seq_len"]
+    ).samples
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, key=name: seen[key].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.inference_mode():
+        for sample in samples:
+            model(sample.unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    return {name: torch.cat(values) for name, values in seen.items()}
+
+
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits.float()

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import layer0_inputs
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress import compress
-from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint
 
@@ -31,29 +30,10 @@ def _stored(checkpoint, name):
 
 
 def test_first_layer_scales_equal_an_independent_computation(smollm2, fp8_static):
-    # Layer 0's inputs do not depend on any quantization: hook the plain model, in float32 as
-    # calibration computes on the CPU.
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    samples = calibration_set(
-        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
-    ).samples
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    layer = model.model.layers[0]
-    names = {"self_attn.q_proj": layer.self_attn.q_proj, "mlp.down_proj": layer.mlp.down_proj}
-    absmax = dict.fromkeys(names, 0.0)
-
-    def track(key):
-        def hook(module, args):
-            absmax[key] = max(absmax[key], float(args[0].abs().max()))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(track(k)) for k, m in names.items()]
-    with torch.inference_mode():
-        for sample in samples:
-            model(sample.unsqueeze(0))
-    for hook in hooks:
-        hook.remove()
+    names = ("self_attn.q_proj", "mlp.down_proj")
+    absmax = {
+        k: float(x.abs().max()) for k, x in layer0_inputs(smollm2, names, CALIBRATION).items()
+    }
     for key in names:
         expected = torch.tensor(absmax[key] / FP8_MAX).to(torch.bfloat16)
         stored = _stored(fp8_static, f"model.layers.0.{key}.input_scale")
@@ -98,27 +78,9 @@ def test_static_scheme_without_data_is_refused(smollm2, tmp_path):
 
 @pytest.fixture(scope="module")
 def first_layer_inputs(tokenized_llama):
-    """Layer 0's inputs (q/k/v, down_proj) for the calibration samples, from the plain float32
-    model: they depend on no quantization, so any static scheme's layer-0 scales derive from
-    them."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenized_llama)
-    samples = calibration_set(
-        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
-    ).samples
-    model = AutoModelForCausalLM.from_pretrained(tokenized_llama, dtype=torch.float32).eval()
-    layer = model.model.layers[0]
-    modules = {"self_attn.q_proj": layer.self_attn.q_proj, "mlp.down_proj": layer.mlp.down_proj}
-    seen = {key: [] for key in modules}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, key=k: seen[key].append(args[0].flatten()))
-        for k, m in modules.items()
-    ]
-    with torch.inference_mode():
-        for sample in samples:
-            model(sample.unsqueeze(0))
-    for hook in hooks:
-        hook.remove()
-    return {key: torch.cat(values) for key, values in seen.items()}
+    """Layer 0's inputs (q/k/v, down_proj) for the calibration samples: any static scheme's
+    layer-0 scales derive from them."""
+    return layer0_inputs(tokenized_llama, ("self_attn.q_proj", "mlp.down_proj"), CALIBRATION)
 
 
 @pytest.mark.parametrize("scheme", ["W8A8_STATIC", "NVFP4"])

@@ -9,12 +9,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from helpers import ct_decompressed_weights, load_transformers, logits, stored_modules
+from helpers import (
+    ct_decompressed_weights,
+    layer0_inputs,
+    load_transformers,
+    logits,
+    stored_modules,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress import compress
 from llmpress.cli import main as cli
-from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, gptq_quantize, output_error
 from llmpress.schemes import build_scheme
@@ -46,33 +51,9 @@ def smollm2_w4(smollm2, tmp_path_factory):
     return root / "gptq", root / "rtn"
 
 
-def _layer0_inputs(model_dir, names) -> dict[str, torch.Tensor]:
-    """Each named layer-0 module's inputs on the calibration samples, from the float32 model:
-    they depend on no quantization."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = calibration_set(
-        CALIBRATION["dataset"], tokenizer, CALIBRATION["num_samples"], CALIBRATION["seq_len"]
-    ).samples
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    layer = model.model.layers[0]
-    seen = {name: [] for name in names}
-    hooks = [
-        layer.get_submodule(name).register_forward_pre_hook(
-            lambda mod, args, key=name: seen[key].append(args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for name in names
-    ]
-    with torch.inference_mode():
-        for sample in samples:
-            model(sample.unsqueeze(0))
-    for hook in hooks:
-        hook.remove()
-    return {name: torch.cat(values) for name, values in seen.items()}
-
-
 def test_gptq_lowers_each_modules_output_error_on_real_weights(smollm2, smollm2_w4):
     gptq, rtn = smollm2_w4
-    inputs = _layer0_inputs(smollm2, LAYER0)
+    inputs = layer0_inputs(smollm2, LAYER0, CALIBRATION)
     base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).model.layers[0]
     solved, rounded = ct_decompressed_weights(gptq), ct_decompressed_weights(rtn)
     for name in LAYER0:

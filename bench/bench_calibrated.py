@@ -65,7 +65,8 @@ from benchlib import (
 )
 
 DATASET = "pydoc-calibration"
-TOOLS = ("llmpress", "oneshot", "rtn")
+TOOLS = ("llmpress", "llmpress-1pass", "oneshot", "rtn")
+LLMPRESS_TOOLS = ("llmpress", "llmpress-1pass")  # the latter: --propagate original
 EVAL_LLMPRESS = ROOT / ".venv" / "bin" / "llmpress"  # eval needs the dev env (lm-eval et al.)
 GOALS = {"wall_s": 0.5, "peak_rss_mb": 1.0}  # llmpress / oneshot, issue 4
 
@@ -262,10 +263,10 @@ def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> l
             "--quiet",
             "--force",
         ]
-    if tool == "llmpress":
-        method = []
+    if tool in LLMPRESS_TOOLS:
+        method = ["--propagate", "original"] if tool == "llmpress-1pass" else []
         if args.method == "gptq":
-            method = ["--method", "gptq", "--actorder", args.actorder]
+            method += ["--method", "gptq", "--actorder", args.actorder]
             method += ["--block-size", str(args.block_size)]
             method += ["--dampening-frac", str(args.dampening_frac)]
         return [
@@ -309,7 +310,7 @@ def check_ids(tool: str, out: Path, ids: list[list[int]], digest: str) -> str | 
     """None when the run calibrated on exactly the saved ids, else what differs."""
     if tool == "rtn":
         return None  # no calibration
-    if tool == "llmpress":
+    if tool in LLMPRESS_TOOLS:
         manifest = json.loads((out / "llmpress.json").read_text())
         got = manifest.get("calibration", {}).get("sha256")
         return None if got == digest else f"manifest sha256 {got} != saved ids' {digest}"
@@ -347,7 +348,7 @@ def run_one(
     run.wall_s, run.cpu_s = round(wall, 2), round(cpu, 2)
     run.peak_rss_mb = round(peak / MB, 1)
     run.out_mb = round(dir_bytes(out) / MB, 1)
-    if tool in ("llmpress", "rtn"):
+    if tool in (*LLMPRESS_TOOLS, "rtn"):
         m = re.search(r" in ([\d.]+) s\s*$", log.read_text(errors="replace"))
         run.own_s = float(m.group(1)) if m else None
     else:
@@ -474,8 +475,11 @@ def print_report(
         "oneshot() + save_pretrained). input_scale: quantized Linears that have one."
     )
     by_tool = {r["tool"]: r for r in rows if not r["error"]}
-    lp, ref = by_tool.get("llmpress"), by_tool.get("oneshot")
-    if lp and ref:
+    ref = by_tool.get("oneshot")
+    for name in LLMPRESS_TOOLS:
+        lp = by_tool.get(name)
+        if not (lp and ref):
+            continue
         parts = []
         for key, label in (("wall_s", "wall"), ("cpu_s", "CPU"), ("peak_rss_mb", "peak RSS")):
             ratio = _ratio(lp[key], ref[key])
@@ -484,7 +488,7 @@ def print_report(
             if goal is not None and ratio is not None:
                 verdict = f" (goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'})"
             parts.append(f"{label} {fmt(ratio)}x{verdict}")
-        print("llmpress / oneshot: " + ", ".join(parts))
+        print(f"{name} / oneshot: " + ", ".join(parts))
     if phases:
         parts = [f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in phases.items()]
         print("oneshot phases, wall/CPU s: " + "; ".join(parts))

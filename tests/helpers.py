@@ -54,6 +54,13 @@ def layer0_inputs(model_dir: Path, names, calibration: dict) -> dict[str, torch.
     """Each named layer-0 module's inputs [tokens, in_features] on the calibration samples,
     from the plain float32 model (as calibration computes on the CPU): they depend on no
     quantization, so an independent reference for layer 0's scales and errors."""
+    inputs = module_inputs(model_dir, names, calibration, layers=(0,))
+    return {name.removeprefix("model.layers.0."): x for name, x in inputs.items()}
+
+
+def module_inputs(model_dir: Path, names, calibration: dict, layers) -> dict[str, torch.Tensor]:
+    """The named modules' inputs [tokens, in_features] in each of `layers`, by full name
+    ("model.layers.3.mlp.down_proj"), from the plain float32 model on the calibration samples."""
     from transformers import AutoTokenizer
 
     from llmpress.data import calibration_set
@@ -63,14 +70,19 @@ def layer0_inputs(model_dir: Path, names, calibration: dict) -> dict[str, torch.
         calibration["dataset"], tokenizer, calibration["num_samples"], calibration["seq_len"]
     ).samples
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    layer = model.model.layers[0]
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [
-        layer.get_submodule(name).register_forward_pre_hook(
-            lambda mod, args, key=name: seen[key].append(args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for name in names
-    ]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for index in layers:
+        for name in names:
+            key = f"model.layers.{index}.{name}"
+            seen[key] = []
+            hooks.append(
+                model.get_submodule(key).register_forward_pre_hook(
+                    lambda mod, args, key=key: seen[key].append(
+                        args[0].reshape(-1, args[0].shape[-1])
+                    )
+                )
+            )
     with torch.inference_mode():
         for sample in samples:
             model(sample.unsqueeze(0))

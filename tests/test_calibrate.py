@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import layer0_inputs
+from helpers import layer0_inputs, module_inputs
 from safetensors import safe_open
 
 from llmpress import compress
@@ -113,3 +113,25 @@ def test_int8_and_nvfp4_static_scales_equal_an_independent_computation(
     assert acts["dynamic"] == (False if scheme == "W8A8_STATIC" else "local")
     report = evaluate_checkpoint(out, base=tokenized_llama, seq_len=64, windows=2, device="cpu")
     assert report.quality.kl_divergence < 0.05  # loads in transformers, computes close
+
+
+def test_propagate_original_calibrates_every_layer_on_the_original_model(tokenized_llama, tmp_path):
+    """One pass per layer: every layer's scales are those of the uncompressed model's own
+    activations (one plain float32 forward), where the default run's deep layers differ."""
+    names = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
+    inputs = module_inputs(tokenized_llama, names, CALIBRATION, layers=range(16))
+    one_pass, default = tmp_path / "one-pass", tmp_path / "default"
+    compress(str(tokenized_llama), str(one_pass), "FP8", progress=False, propagate="original",
+             **CALIBRATION)  # fmt: skip
+    compress(str(tokenized_llama), str(default), "FP8", progress=False, **CALIBRATION)
+    differ = 0
+    for key, x in inputs.items():
+        expected = torch.tensor(float(x.abs().max()) / FP8_MAX).to(torch.bfloat16)
+        assert _stored(one_pass, f"{key}.input_scale")[0] == expected, key
+        differ += bool(_stored(default, f"{key}.input_scale")[0] != expected)
+    assert differ > len(inputs) // 2  # the default calibrates on the compressed layers' outputs
+    manifest = json.loads((one_pass / "llmpress.json").read_text())
+    assert manifest["options"]["propagate"] == "original"
+    report = evaluate_checkpoint(one_pass, base=tokenized_llama, seq_len=64, windows=2,
+                                 device="cpu")  # fmt: skip
+    assert report.quality.kl_divergence < 0.05

@@ -14,6 +14,7 @@ from helpers import (
     layer0_inputs,
     load_transformers,
     logits,
+    module_inputs,
     stored_modules,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmpress import compress
 from llmpress.cli import main as cli
 from llmpress.errors import LlmpressError
-from llmpress.gptq import GPTQOptions, gptq_quantize, output_error
+from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
 from llmpress.schemes import build_scheme
 
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)
@@ -96,6 +97,37 @@ def test_gptq_checkpoint_is_closer_to_the_base_than_rtn(smollm2, smollm2_w4):
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x / x.shape[0]
+
+
+def test_hessian_is_the_mean_of_x_xt_over_every_batch():
+    """Accumulated by upper-triangle panels on the CPU, mirrored: still the whole mean."""
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 100, 600), torch.randn(1, 37, 600).to(torch.bfloat16)]
+    hessian = Hessian(600, "cpu")
+    for x in batches:
+        hessian.add(x)
+    flat = torch.cat([x.reshape(-1, 600).float() for x in batches])
+    got = hessian.mean("cpu")
+    assert torch.equal(got, got.T)
+    assert torch.allclose(got, _hessian(flat), rtol=1e-5, atol=1e-5)
+
+
+def test_propagate_original_solves_on_the_original_models_inputs(tokenized_llama, tmp_path):
+    """One pass per layer: a deep layer's Hessian is that of the plain model's activations,
+    so the reported loss is |ΔW x|² over exactly those inputs."""
+    out = tmp_path / "one-pass"
+    compress(str(tokenized_llama), str(out), "W8A8", method="gptq", propagate="original",
+             progress=False, **CALIBRATION)  # fmt: skip
+    names = ("self_attn.o_proj", "mlp.down_proj")
+    inputs = module_inputs(tokenized_llama, names, CALIBRATION, layers=(3, 12))
+    plain = AutoModelForCausalLM.from_pretrained(tokenized_llama, dtype=torch.float32)
+    report = json.loads((out / "llmpress.json").read_text())["gptq"]
+    stored = stored_modules(out)
+    for name, x in inputs.items():
+        state = stored[name]
+        solved = state["weight"].float() * state["weight_scale"].float()
+        delta = plain.get_submodule(name).weight.float() - solved
+        assert report[name]["loss"] == pytest.approx(output_error(delta, _hessian(x)), rel=1e-3)
 
 
 def test_dead_input_channels_are_handled():

@@ -67,13 +67,16 @@ def compress(
     dampening_frac: float | None = None,
     actorder: str | None = None,
     offload_hessians: bool | None = None,
+    propagate: str | None = None,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
 
     Weights are quantized by round-to-nearest with a min-max or MSE observer, or with
     `method="gptq"` solved by GPTQ on calibration text (`block_size`, `dampening_frac`,
-    `actorder` "static" | "group" | "none", `offload_hessians`), one decoder layer at a time; schemes with static activation scales run calibration text (`dataset`)
-    through the layers. The input is never modified and OUTPUT appears only when complete;
+    `actorder` "static" | "group" | "none", `offload_hessians`), one decoder layer at a time;
+    schemes with static activation scales run calibration text (`dataset`) through the layers.
+    `propagate`: "compressed" (the default: each layer calibrates on the outputs of the
+    compressed layers before it) or "original" (on the original model's: one pass per layer). The input is never modified and OUTPUT appears only when complete;
     `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
     calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
     scales calibrated on `dataset`.
@@ -97,6 +100,7 @@ def compress(
         dampening_frac=dampening_frac,
         actorder=actorder,
         offload_hessians=offload_hessians,
+        propagate=propagate,
     )
     return run(
         model,
@@ -166,9 +170,13 @@ def dry_run(
             for n in g
             if source.layer_of(n) is not None
         )
-        # Passes per layer: observe inputs (static scales), observe the KV cache, run
-        # compressed; 2 flops per weight and token.
-        passes = 1 + (static or gptq) + (plan.kv_cache is not None)
+        # Passes per layer: observe inputs (static scales, Hessians), observe the KV cache,
+        # run compressed; with propagate="original" the observing pass is the only one.
+        # 2 flops per weight and token.
+        if options.propagate == "original":
+            passes = 1
+        else:
+            passes = 1 + (static or gptq) + (plan.kv_cache is not None)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         generation = tokens * hidden * 4  # float32 hidden states
         activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
@@ -177,6 +185,7 @@ def dry_run(
             "samples": options.num_samples,
             "seq_len": options.seq_len,
             "seed": options.seed,
+            "propagate": options.propagate,
             "max_tokens": tokens,
             "activation_bytes": 2 * generation,
             "activation_bytes_in_memory": activation_bytes,
@@ -262,6 +271,7 @@ def run(
                 resumed=record is not None,
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
+                propagate=options.propagate,
             )
             if record is not None:
                 calibrated.report.update(record.get("report", {}))

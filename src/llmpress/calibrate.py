@@ -9,6 +9,9 @@ the same input and get one shared range. The layer is then run again *compressed
 (dequantized weights, quantized inputs), so the next layer calibrates on what it will see at
 inference. With `--kv-cache` (any weight scheme), a pass in between runs the compressed layer
 and observes what each attention caches (llmpress.kvcache); the last pass stores that in fp8.
+With `propagate="original"` the observing pass runs the whole layer, uncompressed, and its
+outputs are the next layer's inputs: one pass per layer instead of two or three, and every
+statistic is the original model's (as a calibration forward of the whole model would give).
 
 On the CPU the layers are computed in float32: without native 16-bit matrix units the CPU
 runs float32 products several times faster than bfloat16 ones, and bf16 values are exact in
@@ -73,8 +76,10 @@ class _InputObserver:
         hessians: bool = False,
         device: str = "cpu",
         offload: bool = False,
+        stop: bool = True,
     ):
-        self.ranges, self.device, self.offload = ranges, device, offload
+        """`stop`: cut each batch's forward short once every module has been seen."""
+        self.ranges, self.device, self.offload, self.stop = ranges, device, offload, stop
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
         self.hessians: dict[str, Hessian] | None = {} if hessians else None
@@ -97,7 +102,7 @@ class _InputObserver:
             if self.hessians is not None:
                 self._feed(name, x)
             self._unseen.discard(name)
-            if not self._unseen:
+            if self.stop and not self._unseen:
                 raise StopLayer
 
         return observe
@@ -215,9 +220,11 @@ class StaticCalibration:
         resumed: bool = False,
         gptq: GPTQOptions | None = None,
         offload_hessians: bool = False,
+        propagate: str = "compressed",
     ):
         """`resumed`: `cache` already holds the inputs of the first layer still to run;
-        `gptq`: solve the weights by GPTQ on the layer's inputs."""
+        `gptq`: solve the weights by GPTQ on the layer's inputs; `propagate`: what the next
+        layer sees, the "compressed" layer's outputs or the "original" one's."""
         self.static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
         if self.static and outside:
@@ -234,6 +241,7 @@ class StaticCalibration:
         self.runner.capture(calibration.samples, hidden=not resumed)
         self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
         self.offload_hessians = offload_hessians
+        self.one_pass = propagate == "original"
         self.report: dict[str, dict] = {}  # GPTQ's per-module report, for the manifest
 
     @property
@@ -257,6 +265,7 @@ class StaticCalibration:
         layer = self.runner.load_layer(index, read)
         modules = self.runner.modules
         watch = None
+        hooks = []
         if self.static or self.gptq is not None:
             watch = _InputObserver(
                 list(weights),
@@ -264,10 +273,19 @@ class StaticCalibration:
                 hessians=self.gptq is not None,
                 device=self.device,
                 offload=self.offload_hessians,
+                stop=not self.one_pass,
             )
             hooks = [modules[n].register_forward_pre_hook(watch.hook(n)) for n in weights]
-            with _hooked([*hooks, layer.register_forward_pre_hook(watch.start)]):
-                self.runner.forward_layer(index, update=False)
+            hooks.append(layer.register_forward_pre_hook(watch.start))
+        attentions = None
+        if self.one_pass and self.kv is not None:
+            attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")
+            hooks += self.kv.observe(attentions)
+        if hooks:
+            with _hooked(hooks):
+                self.runner.forward_layer(index, update=self.one_pass)
+        elif self.one_pass:
+            self.runner.forward_layer(index)
         if self.gptq is not None:
             states = self._gptq_states(weights, watch.hessians, observer)
         else:
@@ -276,8 +294,13 @@ class StaticCalibration:
         if self.static:
             for name, state in packed.items():
                 state.update(self._input_params(name, watch, weights[name].dtype))
-        readable = self._decompressible(packed, states, layout)
-        self._run_compressed(index, layer, packed, readable)
+        if self.one_pass:
+            if attentions is not None:
+                packed.update(self.kv.scales(attentions, self.checkpoint_dtype))
+            self.runner.unload_layer(index)
+        else:
+            readable = self._decompressible(packed, states, layout)
+            self._run_compressed(index, layer, packed, readable)
         return packed
 
     def _gptq_states(

@@ -117,6 +117,13 @@ def main() -> None:
     help="Keep GPTQ's Hessians in host memory (with --device cuda).",
 )
 @click.option(
+    "--propagate",
+    type=click.Choice(["compressed", "original"]),
+    default=None,
+    help="What each layer calibrates on: the outputs of the compressed layers before it "
+    "(default; two passes per layer) or the original model's (one pass, about half the time).",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue an interrupted calibrated run of this command from its last finished layer.",
@@ -152,6 +159,7 @@ def compress(
     dampening_frac,
     actorder,
     offload_hessians,
+    propagate,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -179,6 +187,7 @@ def compress(
         dampening_frac=dampening_frac,
         actorder=actorder,
         offload_hessians=offload_hessians or None,
+        propagate=propagate,
     )
     cap = None if max_memory is None else _size(max_memory)
     if dry_run:

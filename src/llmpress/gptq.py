@@ -48,8 +48,15 @@ class GPTQOptions:
         return aliases.get(self.actorder, self.actorder) if self.actorder else None
 
 
+# Column panels of the Hessian's upper triangle: x xᵀ is symmetric, and computing only the
+# panels on and above the diagonal does ~(n/PANEL + 1) / (2 n/PANEL) of the products, at the
+# full float32 rate of the CPU (1.5x faster for 576-4096 columns, measured).
+HESSIAN_PANEL = 256
+
+
 class Hessian:
-    """The running mean of x xᵀ over every token a module group has read."""
+    """The running mean of x xᵀ over every token a module group has read. On the CPU only its
+    upper triangle is accumulated (`mean` mirrors it)."""
 
     def __init__(self, columns: int, device: torch.device | str, offload: bool = False):
         self.offload = offload
@@ -60,20 +67,23 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        if x.dtype == torch.float32:
-            product = x.t() @ x
-        elif x.is_cuda:  # bf16/fp16 products summed in float32 by the GPU, without a copy of x
-            product = torch.mm(x.t(), x, out_dtype=torch.float32)
-        else:
-            x = x.float()
-            product = x.t() @ x
-        self.sum += product.to(self.sum.device)
         self.tokens += x.shape[0]
+        if x.is_cuda:
+            # bf16/fp16 products summed in float32 by the GPU, without a copy of x
+            product = torch.mm(x.t(), x, out_dtype=torch.float32)
+            self.sum += product.to(self.sum.device)
+            return
+        x = x.float()
+        total, n = self.sum, x.shape[1]
+        for start in range(0, n, HESSIAN_PANEL):
+            rows = slice(start, start + HESSIAN_PANEL)
+            total[rows, start:].addmm_(x[:, rows].t(), x[:, start:])
 
     def mean(self, device: torch.device | str) -> torch.Tensor:
         if self.tokens == 0:
             raise LlmpressError("a module saw no calibration tokens; GPTQ needs its inputs")
-        return (self.sum / self.tokens).to(device)
+        upper = self.sum.triu()
+        return ((upper + upper.triu(1).t()) / self.tokens).to(device)
 
 
 @dataclass
@@ -206,6 +216,11 @@ def gptq_quantize(
         params_of = _column_params(scale, zero_point, args, rows)
 
     qdq = _column_quantizer(args, global_scale)
+    # Each column's scale and zero point as the quantizer takes them (1-D, float32: bf16 and
+    # fp8 scales are exact in it), converted once per group (or per tensor/channel).
+    prepared: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    reuse = grouped or args.strategy != QuantizationStrategy.BLOCK
+    columns_in_order = perm.tolist() if perm is not None else range(columns)
     quantized = torch.zeros_like(w)
     block_size = options.block_size
     for b0 in range(0, columns, block_size):
@@ -215,19 +230,23 @@ def gptq_quantize(
         u1 = upper[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i  # position in processing order
-            original_col = int(perm[col]) if perm is not None else col
+            original_col = columns_in_order[col]
+            key = None
             if grouped:
-                group = original_col // g if order != "group" else col // g
+                group = key = original_col // g if order != "group" else col // g
                 if scales[group] is None:  # the group starts here (in processing order)
                     span = torch.cat([w1[:, i:], w[:, b1 : col + g]], dim=1)[:, :g]
                     s, z = weight_qparams(span, _group_args(args, g), observer, global_scale)
                     scales[group] = _stored(s, args, scale_dtype)
                     zeros[group] = z
-                s, z = scales[group], zeros[group]
-            else:
-                s, z = params_of(original_col)
+            params = prepared.get(key) if reuse else None
+            if params is None:
+                s, z = (scales[group], zeros[group]) if grouped else params_of(original_col)
+                params = (_flat32(s), _flat32(z))
+                if reuse:
+                    prepared[key] = params
             x = w1[:, i]
-            q = qdq(x, s.reshape(-1), z.reshape(-1) if z is not None else None)
+            q = qdq(x, *params)
             quantized[:, col] = q
             e = (x - q).div_(u1[i, i])
             w1[:, i + 1 :].addr_(e, u1[i, i + 1 :], alpha=-1)
@@ -260,7 +279,7 @@ def gptq_quantize(
 
 
 def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None):
-    """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], in
+    """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], all
     float32. Int and fp8 weights take a direct path with compressed-tensors' arithmetic
     (divide, add the zero point, clamp, round or cast); other types go through its
     fake_quantize."""
@@ -271,10 +290,8 @@ def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None)
         fp8 = args.type == "float"
 
         def direct(x, scale, zero_point):
-            scale = scale.to(torch.float32)
             scaled = x / scale
             if zero_point is not None:
-                zero_point = zero_point.to(torch.float32)
                 scaled += zero_point
             scaled.clamp_(q_min, q_max)
             q = scaled.to(torch.float8_e4m3fn).to(torch.float32) if fp8 else scaled.round_()
@@ -293,6 +310,10 @@ def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None)
         return q.reshape(-1).to(torch.float32)
 
     return generic
+
+
+def _flat32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.reshape(-1).to(torch.float32)
 
 
 def _group_args(args: QuantizationArgs, g: int) -> QuantizationArgs:

@@ -69,6 +69,11 @@ class CompressOptions(BaseModel):
     # (= "dynamic": groups in activation order, `weight_g_idx` stored), or "none" (in order).
     actorder: Literal["static", "weight", "group", "dynamic", "none"] = "static"
     offload_hessians: bool = False
+    # What the next layer calibrates on: "compressed" (each layer is run again compressed, so
+    # the next one sees what it will see when served; two passes per layer, as llm-compressor's
+    # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
+    # pass itself: one pass per layer, about half the time, statistics of the original model).
+    propagate: Literal["compressed", "original"] = "compressed"
 
     @property
     def layout(self) -> str:

@@ -223,8 +223,15 @@ def test_other_schemes_load_close_to_the_base(scheme, tokenized_llama, tmp_path)
     ids = torch.tensor([list(range(100, 164))])
     base = logits(load_transformers(tokenized_llama, decompress=False), ids)
     got = logits(load_transformers(out, decompress=False), ids)
+    rounded = logits(load_transformers(rtn, decompress=False), ids)
     assert torch.isfinite(got).all()
-    assert (got - base).norm() / base.norm() < 0.5
+    error = float((got - base).norm() / base.norm())
+    if scheme not in ("W8A8", "FP8_DYNAMIC"):
+        # At 8 bits rounding is near-lossless, and on these arbitrary ids (not text like the
+        # calibration's) GPTQ's fp8 was measured 0.113 against RTN's 0.092: only the
+        # calibration-input loss above is guaranteed lower there.
+        assert error < float((rounded - base).norm() / base.norm()), scheme
+    assert error < (0.7 if scheme == "W3A16" else 0.5)  # 3 bits on random weights: 0.63
 
 
 def test_gptq_needs_data_and_int_groups_for_group_order(tokenized_llama, tmp_path):

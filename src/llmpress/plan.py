@@ -7,6 +7,7 @@ compressed-tensors' matcher (exact name, class name or `re:` regex; ignore wins)
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ DEFAULT_IGNORE = ("lm_head",)
 
 # Modules vLLM fuses into one GEMM: they must share NVFP4's global scale.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+log = logging.getLogger(__name__)
 
 
 class CompressOptions(BaseModel):
@@ -206,6 +209,11 @@ def _gptq_actorder(scheme: QuantizationScheme, actorder: str) -> None:
                 f"{args.type} {args.strategy} weights take --actorder static or none"
             )
         args.actorder = ActivationOrdering.GROUP
+        log.warning(
+            "--actorder %s stores weight_g_idx: transformers reads it, vLLM 0.32 refuses it "
+            "(group activation ordering is no longer supported there); serve --actorder static",
+            actorder,
+        )
     elif actorder != "none" and args.strategy == QuantizationStrategy.GROUP:
         args.actorder = ActivationOrdering.STATIC
 

@@ -76,8 +76,8 @@ def compress(
     `actorder` "static" | "group" | "none", `offload_hessians`), one decoder layer at a time;
     schemes with static activation scales run calibration text (`dataset`) through the layers.
     `propagate`: "compressed" (the default: each layer calibrates on the outputs of the
-    compressed layers before it) or "original" (on the original model's: one pass per layer). The input is never modified and OUTPUT appears only when complete;
-    `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
+    compressed layers before it) or "original" (on the original model's: one pass per layer).
+    The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
     calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
     scales calibrated on `dataset`.
     """

@@ -281,11 +281,9 @@ class StaticCalibration:
         if self.one_pass and self.kv is not None:
             attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")
             hooks += self.kv.observe(attentions)
-        if hooks:
+        if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
             with _hooked(hooks):
                 self.runner.forward_layer(index, update=self.one_pass)
-        elif self.one_pass:
-            self.runner.forward_layer(index)
         if self.gptq is not None:
             states = self._gptq_states(weights, watch.hessians, observer)
         else:

@@ -69,8 +69,10 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1])
         self.tokens += x.shape[0]
         if x.is_cuda:
-            # bf16/fp16 products summed in float32 by the GPU, without a copy of x
-            product = torch.mm(x.t(), x, out_dtype=torch.float32)
+            if x.dtype == torch.float32:
+                product = x.t() @ x
+            else:  # bf16/fp16 products summed in float32 by the GPU, without a copy of x
+                product = torch.mm(x.t(), x, out_dtype=torch.float32)
             self.sum += product.to(self.sum.device)
             return
         x = x.float()
@@ -215,9 +217,9 @@ def gptq_quantize(
     else:
         params_of = _column_params(scale, zero_point, args, rows)
 
-    qdq = _column_quantizer(args, global_scale)
-    # Each column's scale and zero point as the quantizer takes them (1-D, float32: bf16 and
-    # fp8 scales are exact in it), converted once per group (or per tensor/channel).
+    qdq, flat = _column_quantizer(args, global_scale)
+    # Each column's scale and zero point as the quantizer takes them (`flat`), converted once
+    # per group (or per tensor/channel).
     prepared: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
     reuse = grouped or args.strategy != QuantizationStrategy.BLOCK
     columns_in_order = perm.tolist() if perm is not None else range(columns)
@@ -242,7 +244,7 @@ def gptq_quantize(
             params = prepared.get(key) if reuse else None
             if params is None:
                 s, z = (scales[group], zeros[group]) if grouped else params_of(original_col)
-                params = (_flat32(s), _flat32(z))
+                params = (flat(s), flat(z))
                 if reuse:
                     prepared[key] = params
             x = w1[:, i]
@@ -279,10 +281,11 @@ def gptq_quantize(
 
 
 def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None):
-    """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], all
-    float32. Int and fp8 weights take a direct path with compressed-tensors' arithmetic
-    (divide, add the zero point, clamp, round or cast); other types go through its
-    fake_quantize."""
+    """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], and
+    how to flatten a column's parameters for it. Int and fp8 weights take a direct path with
+    compressed-tensors' arithmetic in float32 (divide, add the zero point, clamp, round or
+    cast; bf16 scales are exact in float32); other types go through its fake_quantize, with
+    the parameters in their own dtype."""
     if global_scale is None and (
         args.type == "int" or (args.type == "float" and args.num_bits == 8)
     ):
@@ -299,7 +302,7 @@ def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None)
                 q -= zero_point
             return q.mul_(scale)
 
-        return direct
+        return direct, _flat32
     column_args = _column_args(args)
 
     def generic(x, scale, zero_point):
@@ -309,7 +312,11 @@ def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None)
         )
         return q.reshape(-1).to(torch.float32)
 
-    return generic
+    return generic, _flat
+
+
+def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.reshape(-1)
 
 
 def _flat32(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ and indefinite Hessians handled, activation-order checkpoints read correctly by 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -278,3 +279,14 @@ def test_cli_gptq_dry_run(tokenized_llama, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "gptq" in result.output and not (tmp_path / "x").exists()
+    assert "one pass per layer" not in result.output
+    seconds = float(re.search(r"time about ([\d.]+) s", result.output).group(1))
+    one_pass = CliRunner().invoke(
+        cli,
+        ["compress", str(tokenized_llama), "-o", str(tmp_path / "x"), "--scheme", "W4A16",
+         "--group-size", "32", "--method", "gptq", "--dataset", "pydoc-calibration",
+         "--propagate", "original", "--dry-run"],
+    )  # fmt: skip
+    assert one_pass.exit_code == 0, one_pass.output
+    assert "one pass per layer" in one_pass.output
+    assert float(re.search(r"time about ([\d.]+) s", one_pass.output).group(1)) < seconds

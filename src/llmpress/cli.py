@@ -225,6 +225,10 @@ def _print_plan(plan: dict, output: Path) -> None:
             f"{calibration['activation_bytes'] / 1e6:,.0f} MB, "
             f"{calibration['activation_bytes_in_memory'] / 1e6:,.0f} MB of it in memory"
         )
+        if calibration["propagate"] == "original":
+            click.echo(
+                "  one pass per layer: every layer calibrates on the original model's outputs"
+            )
     click.echo(
         f"  read {plan['input_bytes'] / 1e6:,.1f} MB, write about "
         f"{plan['estimated_output_bytes'] / 1e6:,.1f} MB"

@@ -259,34 +259,15 @@ def test_gptq_needs_data_and_int_groups_for_group_order(tokenized_llama, tmp_pat
 
 
 def test_cli_gptq_dry_run(tokenized_llama, tmp_path):
-    result = CliRunner().invoke(
-        cli,
-        [
-            "compress",
-            str(tokenized_llama),
-            "-o",
-            str(tmp_path / "x"),
-            "--scheme",
-            "W4A16",
-            "--group-size",
-            "32",
-            "--method",
-            "gptq",
-            "--dataset",
-            "pydoc-calibration",
-            "--dry-run",
-        ],
-    )
+    command = ["compress", str(tokenized_llama), "-o", str(tmp_path / "x"), "--scheme", "W4A16",
+               "--group-size", "32", "--method", "gptq", "--dataset", "pydoc-calibration",
+               "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(cli, command)
     assert result.exit_code == 0, result.output
     assert "gptq" in result.output and not (tmp_path / "x").exists()
     assert "one pass per layer" not in result.output
     seconds = float(re.search(r"time about ([\d.]+) s", result.output).group(1))
-    one_pass = CliRunner().invoke(
-        cli,
-        ["compress", str(tokenized_llama), "-o", str(tmp_path / "x"), "--scheme", "W4A16",
-         "--group-size", "32", "--method", "gptq", "--dataset", "pydoc-calibration",
-         "--propagate", "original", "--dry-run"],
-    )  # fmt: skip
+    one_pass = CliRunner().invoke(cli, [*command, "--propagate", "original"])
     assert one_pass.exit_code == 0, one_pass.output
     assert "one pass per layer" in one_pass.output
     assert float(re.search(r"time about ([\d.]+) s", one_pass.output).group(1)) < seconds

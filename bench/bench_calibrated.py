@@ -1,5 +1,6 @@
 """Calibrated compression side by side, llmpress vs llm-compressor: FP8 with static
-activation scales (issue 4) and GPTQ (issue 5, `--method gptq`).
+activation scales (issue 4), GPTQ (issue 5, `--method gptq`), AWQ and SmoothQuant + GPTQ
+(issue 6, `--method awq`, `--method smoothquant+gptq`).
 
 Both tools calibrate SmolLM2-135M on the same token ids: llmpress' built-in
 `pydoc-calibration` text, chosen and tokenized once here by `llmpress.data.calibration_set`
@@ -23,6 +24,12 @@ every quantized Linear.
 With `--method gptq` llm-compressor runs `GPTQModifier` with the same scheme (config groups
 spelled out, so the group size is the same), block size, damping and activation order, and
 the tool `rtn` (llmpress without calibration, round to nearest) gives the baseline to beat.
+With `--method awq` llm-compressor runs `AWQModifier` then `QuantizationModifier` (0.14's
+spelling), and with `--method smoothquant+gptq` `SmoothQuantModifier` then `GPTQModifier`;
+`--anchor-method gptq` runs its GPTQ instead, for AWQ on a CPU where its AWQ cannot run:
+
+    .venv/bin/python bench/bench_calibrated.py --method awq --anchor-method gptq --scheme W4A16 --group-size 64 --tools llmpress,oneshot,rtn
+    .venv/bin/python bench/bench_calibrated.py --method smoothquant+gptq --scheme W8A8 --tools llmpress,oneshot,rtn
 
 Results: a markdown table on stdout, bench/results/calibrated.json (one entry per
 samples x seq-len setting) and each run's log in bench/results/logs/.
@@ -149,10 +156,19 @@ def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str, recipe
 
     spec = json.loads(Path(recipe_path).read_text())
     groups = {"group_0": QuantizationScheme.model_validate(spec["scheme"])}
-    if spec["method"] == "gptq":
-        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"], **spec["gptq"])
+    method = spec["method"]
+    if method.endswith("gptq"):
+        recipe = [GPTQModifier(config_groups=groups, ignore=["lm_head"], **spec["gptq"])]
     else:
-        recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+        recipe = [QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    if method.startswith("smoothquant"):
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+        recipe.insert(0, SmoothQuantModifier(smoothing_strength=spec["smoothing_strength"]))
+    elif method == "awq":  # a transform in 0.14: it smooths, the next modifier quantizes
+        from llmcompressor.modifiers.transform import AWQModifier
+
+        recipe.insert(0, AWQModifier(duo_scaling=True))
 
     seen: list[list[int]] = []
 
@@ -238,7 +254,8 @@ def recipe_spec(args: argparse.Namespace) -> Path:
     scheme = build_scheme(args.scheme, ["Linear"], args.group_size)
     spec = {
         "scheme": scheme.model_dump(mode="json", exclude_none=True),
-        "method": args.method,
+        "method": args.anchor_method or args.method,
+        "smoothing_strength": 0.5,
         "gptq": {
             "block_size": args.block_size,
             "dampening_frac": args.dampening_frac,
@@ -265,8 +282,11 @@ def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> l
         ]
     if tool in LLMPRESS_TOOLS:
         method = ["--propagate", "original"] if tool == "llmpress-1pass" else []
-        if args.method == "gptq":
-            method += ["--method", "gptq", "--actorder", args.actorder]
+        method += shlex.split(args.llmpress_flags)
+        if args.method != "rtn":
+            method += ["--method", args.method]
+        if args.method.endswith("gptq"):
+            method += ["--actorder", args.actorder]
             method += ["--block-size", str(args.block_size)]
             method += ["--dampening-frac", str(args.dampening_frac)]
         return [
@@ -518,7 +538,14 @@ def main() -> None:
     ap.add_argument("--tools", default="llmpress,oneshot", help=f"of {', '.join(TOOLS)}")
     ap.add_argument("--scheme", default="FP8")
     ap.add_argument("--group-size", type=int)
-    ap.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    methods = ["rtn", "gptq", "awq", "smoothquant+gptq"]
+    ap.add_argument("--method", choices=methods, default="rtn")
+    ap.add_argument(
+        "--anchor-method",
+        choices=methods,
+        help="llm-compressor's method when it differs (its AWQ cannot run on a CPU: gptq)",
+    )
+    ap.add_argument("--llmpress-flags", default="", help="more flags for llmpress' runs")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--dampening-frac", type=float, default=0.01)
     ap.add_argument("--actorder", default="static", choices=["static", "group", "none"])
@@ -596,6 +623,8 @@ def main() -> None:
         "command": cmdline,
         "scheme": args.scheme,
         "method": args.method,
+        "anchor_method": args.anchor_method or args.method,
+        "llmpress_flags": args.llmpress_flags,
         "group_size": args.group_size,
         "actorder": args.actorder,
         "calibration": {
@@ -616,6 +645,10 @@ def main() -> None:
     setting = f"{args.num_samples}x{args.seq_len}-seed{args.seed}"
     if args.method != "rtn" or args.scheme != "FP8":
         setting = f"{args.method}-{args.scheme}-g{args.group_size}-{args.actorder}-{setting}"
+        if args.anchor_method and args.anchor_method != args.method:
+            setting += f"-anchor-{args.anchor_method}"
+    if args.llmpress_flags:
+        setting += " " + args.llmpress_flags
     print(f"\nwrote {save_json(setting, entry)}")
     problems = [f"{r.tool} calibrated on other ids: {r.ids_check}" for r in runs if r.ids_check]
     problems += (

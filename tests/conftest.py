@@ -4,10 +4,12 @@ real all-MiniLM-L6-v2 encoder (BERT)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import bpe_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -17,6 +19,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from llmpress.evaluate.texts import load_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +85,6 @@ def tiny_llama(tiny_models) -> Path:
 def tokenized_llama(tmp_path_factory, smollm2) -> Path:
     """A random 16-layer Llama small enough to calibrate in seconds, with SmolLM2's real
     tokenizer (its vocabulary size), for runs that need calibration text."""
-    import shutil
 
     torch.manual_seed(0)
     dims = {**_DIMS, "num_hidden_layers": 16, "vocab_size": 49152, "hidden_size": 128}
@@ -116,3 +119,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory) -> Path:
+    """A small .txt of real English: the calibration part of Python's documentation."""
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(load_text("pydoc-calibration")[:20_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def with_tokenizer(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny models, each with a BPE tokenizer saved beside it (ids 1, 2: BOS, EOS)."""
+    tokenizer = bpe_tokenizer(512)
+    root = tmp_path_factory.mktemp("with-tokenizer")
+    models = {}
+    for family, path in tiny_models.items():
+        models[family] = root / family
+        shutil.copytree(path, models[family])
+        tokenizer.save_pretrained(models[family])
+    return models

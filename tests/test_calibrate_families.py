@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES
-from helpers import bpe_tokenizer, load_transformers, logits, relative_error, stored_modules
+from helpers import load_transformers, logits, relative_error, stored_modules
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
@@ -30,27 +30,6 @@ BOUND = 0.15
 STATIC_OVER_DYNAMIC = 1.2
 # MiniLM's last hidden state: 0.08 measured; its mean-pooled sentence embeddings: cosine 0.997.
 BERT_BOUND = 0.12
-
-
-@pytest.fixture(scope="module")
-def calibration_text(tmp_path_factory) -> Path:
-    """A small .txt of real English: the calibration part of Python's documentation."""
-    path = tmp_path_factory.mktemp("text") / "calibration.txt"
-    path.write_text(load_text("pydoc-calibration")[:20_000])
-    return path
-
-
-@pytest.fixture(scope="module")
-def with_tokenizer(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    """The tiny models, each with a BPE tokenizer saved beside it (ids 1, 2: BOS, EOS)."""
-    tokenizer = bpe_tokenizer(512)
-    root = tmp_path_factory.mktemp("with-tokenizer")
-    models = {}
-    for family, path in tiny_models.items():
-        models[family] = root / family
-        shutil.copytree(path, models[family])
-        tokenizer.save_pretrained(models[family])
-    return models
 
 
 def _held_out_ids(tokenizer, count: int) -> torch.Tensor:

@@ -27,6 +27,10 @@ from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
 from llmpress.schemes import build_scheme
 
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)
+# SmolLM2's down_proj reads 1536 channels: fewer calibration tokens leave its Hessian singular
+# and GPTQ's result hinges on the damping (measured: the KL test below passed on one machine
+# and missed its bound on another at 512 tokens).
+SMOLLM2_CALIBRATION = dict(dataset="pydoc-calibration", num_samples=16, seq_len=128, seed=0)
 LAYER0 = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -47,7 +51,7 @@ def smollm2_w4(smollm2, tmp_path_factory):
         group_size=64,
         method="gptq",
         progress=False,
-        **CALIBRATION,
+        **SMOLLM2_CALIBRATION,
     )
     compress(str(smollm2), str(root / "rtn"), "W4A16", group_size=64, progress=False)
     return root / "gptq", root / "rtn"
@@ -55,7 +59,7 @@ def smollm2_w4(smollm2, tmp_path_factory):
 
 def test_gptq_lowers_each_modules_output_error_on_real_weights(smollm2, smollm2_w4):
     gptq, rtn = smollm2_w4
-    inputs = layer0_inputs(smollm2, LAYER0, CALIBRATION)
+    inputs = layer0_inputs(smollm2, LAYER0, SMOLLM2_CALIBRATION)
     base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).model.layers[0]
     solved, rounded = ct_decompressed_weights(gptq), ct_decompressed_weights(rtn)
     for name in LAYER0:

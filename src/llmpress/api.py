@@ -68,6 +68,10 @@ def compress(
     actorder: str | None = None,
     offload_hessians: bool | None = None,
     propagate: str | None = None,
+    smoothing_strength: float | None = None,
+    duo_scaling: bool | None = None,
+    awq_clip: bool | None = None,
+    awq_grid: int | None = None,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
 
@@ -75,6 +79,9 @@ def compress(
     `method="gptq"` solved by GPTQ on calibration text (`block_size`, `dampening_frac`,
     `actorder` "static" | "group" | "none", `offload_hessians`), one decoder layer at a time;
     schemes with static activation scales run calibration text (`dataset`) through the layers.
+    `method="awq"` (weight-only schemes) and `"smoothquant"`/`"smoothquant+gptq"` (W8A8, FP8)
+    smooth each layer first (`smoothing_strength`: SmoothQuant's α; `duo_scaling`, `awq_grid`,
+    `awq_clip`: AWQ's scale terms, exponents tried and clipping search).
     `propagate`: "compressed" (the default: each layer calibrates on the outputs of the
     compressed layers before it) or "original" (on the original model's: one pass per layer).
     The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
@@ -101,6 +108,10 @@ def compress(
         actorder=actorder,
         offload_hessians=offload_hessians,
         propagate=propagate,
+        smoothing_strength=smoothing_strength,
+        duo_scaling=duo_scaling,
+        awq_clip=awq_clip,
+        awq_grid=awq_grid,
     )
     return run(
         model,
@@ -159,7 +170,7 @@ def dry_run(
     calibration = None
     activation_bytes = 0
     static = needs_calibration(plan.scheme)
-    gptq = options.method == "gptq"
+    gptq = options.method != "rtn"  # GPTQ, AWQ or SmoothQuant: layer inputs are observed
     if static or gptq or plan.kv_cache is not None:
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
@@ -272,9 +283,11 @@ def run(
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
                 propagate=options.propagate,
+                smoothing=smoothing_options(options),
             )
             if record is not None:
-                calibrated.report.update(record.get("report", {}))
+                for section, entries in record.get("report", {}).items():
+                    calibrated.report[section].update(entries)
         try:
             _write_tensors(source, plan, options, writer, progress, calibrated, journal, record)
         except KeyboardInterrupt:
@@ -296,8 +309,8 @@ def run(
         manifest = _manifest(source, plan, options, shards)
         if calibration is not None:
             manifest["calibration"] = calibration.to_json()
-        if calibrated is not None and calibrated.report:
-            manifest["gptq"] = calibrated.report
+        if calibrated is not None:
+            manifest.update((k, v) for k, v in calibrated.report.items() if v)
         writer.commit(manifest, force)
     except BaseException:
         if not keep_partial:
@@ -325,16 +338,35 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
 
 def gptq_options(options: CompressOptions):
     """GPTQ's settings from the run's options, or None when weights are rounded to nearest."""
-    if options.method != "gptq":
+    if options.solver != "gptq":
         return None
     from llmpress.gptq import GPTQOptions
 
     return GPTQOptions(options.block_size, options.dampening_frac, options.actorder)
 
 
+def smoothing_options(options: CompressOptions):
+    """AWQ's or SmoothQuant's settings, or None when the layers are not smoothed."""
+    if options.smoother is None:
+        return None
+    from llmpress.smoothing import SmoothingOptions
+
+    return SmoothingOptions(
+        options.smoother,
+        options.smoothing_strength,
+        duo_scaling=options.duo_scaling,
+        grid=options.awq_grid,
+        clip=options.awq_clip,
+    )
+
+
 def _require_dataset(options: CompressOptions) -> None:
     if options.dataset is None:
-        if options.method == "gptq":
+        if options.smoother == "awq":
+            what = "AWQ searches its scales on the layers' inputs"
+        elif options.smoother == "smoothquant":
+            what = "SmoothQuant computes its scales from the layers' inputs"
+        elif options.solver == "gptq":
             what = "GPTQ solves the weights on the layers' inputs"
         elif options.kv_cache and options.scheme.upper() not in CALIBRATED:
             what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"

@@ -37,6 +37,7 @@ from compressed_tensors.quantization.utils import calculate_qparams, generate_gp
 from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
 from llmpress.activations import ActivationCache
+from llmpress.awq import clip_search, search_scale
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize
@@ -45,9 +46,14 @@ from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import Plan
 from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
+from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
+from llmpress.smoothquant import smoothing_scale
 from llmpress.source import ModelSource
 
 log = logging.getLogger(__name__)
+
+# Modules AWQ's clipping search leaves alone: queries and keys.
+CLIP_SKIPPED = ("q_proj", "k_proj", "qkv_proj")
 
 
 def needs_calibration(scheme: QuantizationScheme) -> bool:
@@ -60,6 +66,36 @@ def needs_calibration(scheme: QuantizationScheme) -> bool:
 
 def compute_dtype(device: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if device.startswith("cpu") else checkpoint_dtype
+
+
+class ChannelStats:
+    """Per-channel statistics of a module input over every token: min, max and mean |x|
+    (what smoothing needs); a smoothed input x / s is followed by `divide(s)`."""
+
+    def __init__(self, channels: int, device):
+        self.lo = torch.full((channels,), float("inf"), device=device)
+        self.hi = torch.full((channels,), float("-inf"), device=device)
+        self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        lo, hi = torch.aminmax(x, dim=0)
+        self.lo = torch.minimum(self.lo, lo.float())
+        self.hi = torch.maximum(self.hi, hi.float())
+        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        self.tokens += x.shape[0]
+
+    def absmax(self) -> torch.Tensor:
+        return torch.maximum(self.hi.abs(), self.lo.abs())
+
+    def abs_mean(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def divide(self, scale: torch.Tensor) -> None:
+        scale = scale.to(self.lo.device)
+        self.lo, self.hi = self.lo / scale, self.hi / scale
+        self.abs_sum = self.abs_sum / scale.double()
 
 
 class _InputObserver:
@@ -77,15 +113,18 @@ class _InputObserver:
         device: str = "cpu",
         offload: bool = False,
         stop: bool = True,
+        channels: bool = False,
     ):
-        """`stop`: cut each batch's forward short once every module has been seen."""
+        """`stop`: cut each batch's forward short once every module has been seen;
+        `channels`: also per-channel statistics of each input (smoothing)."""
         self.ranges, self.device, self.offload, self.stop = ranges, device, offload, stop
+        self.channels: dict[str, ChannelStats] | None = {} if channels else None
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
         self.hessians: dict[str, Hessian] | None = {} if hessians else None
         self._last: torch.Tensor | None = None
         self._range: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fed: dict[int, Hessian] = {}  # Hessians this input was added to, by id
+        self._fed: dict = {}  # Hessians (and channel statistics) this input was added to
         self._unseen = set(names)
 
     def hook(self, name: str):
@@ -101,6 +140,8 @@ class _InputObserver:
                 self.hi[name] = torch.maximum(self.hi[name], hi)
             if self.hessians is not None:
                 self._feed(name, x)
+            if self.channels is not None:
+                self._feed_channels(name, x)
             self._unseen.discard(name)
             if self.stop and not self._unseen:
                 raise StopLayer
@@ -110,12 +151,24 @@ class _InputObserver:
     def _feed(self, name: str, x: torch.Tensor) -> None:
         hessian = self.hessians.get(name)
         if hessian is None:  # first batch: share the Hessian of a module given this tensor
-            shared = next(iter(self._fed.values()), None)
+            shared = next((h for h in self._fed.values() if isinstance(h, Hessian)), None)
             hessian = shared if shared is not None else Hessian(x.shape[-1], x.device, self.offload)
             self.hessians[name] = hessian
         if id(hessian) not in self._fed:
             hessian.add(x)
             self._fed[id(hessian)] = hessian
+
+    def _feed_channels(self, name: str, x: torch.Tensor) -> None:
+        stats = self.channels.get(name)
+        if stats is None:  # first batch: share the statistics of a module given this tensor
+            stats = self._fed.get(("channels", id(x)))
+            if stats is None:
+                stats = ChannelStats(x.shape[-1], x.device)
+            self.channels[name] = stats
+        if ("channels", id(stats)) not in self._fed:
+            stats.add(x)
+            self._fed[("channels", id(stats))] = stats
+            self._fed[("channels", id(x))] = stats
 
     def start(self, layer, args) -> None:
         """A pre-hook on the layer: a batch begins, every module is still to be seen (a
@@ -221,10 +274,12 @@ class StaticCalibration:
         gptq: GPTQOptions | None = None,
         offload_hessians: bool = False,
         propagate: str = "compressed",
+        smoothing: SmoothingOptions | None = None,
     ):
         """`resumed`: `cache` already holds the inputs of the first layer still to run;
         `gptq`: solve the weights by GPTQ on the layer's inputs; `propagate`: what the next
-        layer sees, the "compressed" layer's outputs or the "original" one's."""
+        layer sees, the "compressed" layer's outputs or the "original" one's; `smoothing`:
+        AWQ or SmoothQuant scales applied before the weights are quantized."""
         self.static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
         if self.static and outside:
@@ -242,7 +297,10 @@ class StaticCalibration:
         self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
         self.offload_hessians = offload_hessians
         self.one_pass = propagate == "original"
-        self.report: dict[str, dict] = {}  # GPTQ's per-module report, for the manifest
+        self.smoothing = smoothing
+        self.mappings: list[Mapping] | None = None  # inferred on the first layer run
+        # For the manifest: GPTQ's report per module, smoothing's per site and layer.
+        self.report: dict[str, dict] = {"gptq": {}, "smoothing": {}}
 
     @property
     def generation(self) -> int:
@@ -266,14 +324,18 @@ class StaticCalibration:
         modules = self.runner.modules
         watch = None
         hooks = []
-        if self.static or self.gptq is not None:
+        if self.smoothing is not None and self.mappings is None:
+            self.mappings = self._infer_mappings(index, layer, weights)
+        if self.static or self.gptq is not None or self.smoothing is not None:
+            awq = self.smoothing is not None and self.smoothing.method == "awq"
             watch = _InputObserver(
                 list(weights),
                 ranges=self.static,
-                hessians=self.gptq is not None,
+                hessians=self.gptq is not None or awq,
                 device=self.device,
                 offload=self.offload_hessians,
                 stop=not self.one_pass,
+                channels=self.smoothing is not None,
             )
             hooks = [modules[n].register_forward_pre_hook(watch.hook(n)) for n in weights]
             hooks.append(layer.register_forward_pre_hook(watch.start))
@@ -284,6 +346,8 @@ class StaticCalibration:
         if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
             with _hooked(hooks):
                 self.runner.forward_layer(index, update=self.one_pass)
+        if self.smoothing is not None:
+            self._smooth(index, layer, weights, others, watch, observer)
         if self.gptq is not None:
             states = self._gptq_states(weights, watch.hessians, observer)
         else:
@@ -356,7 +420,7 @@ class StaticCalibration:
                 if result.g_idx is not None:
                     state["weight_g_idx"] = result.g_idx
                 states[m] = state
-                self.report[m] = {
+                self.report["gptq"][m] = {
                     "solved_with": members,
                     "loss_rtn": result.loss_rtn,
                     "loss": result.loss,
@@ -367,6 +431,108 @@ class StaticCalibration:
                     log.warning("%s: %s", m, note)
             del hessian
         return states
+
+    def _infer_mappings(self, index: int, layer, weights) -> list[Mapping]:
+        """The layer's smoothing sites (the same in every layer), found on one real forward."""
+        prefix = f"{self.runner.source.layer_prefix}.{index}."
+        balance = {name[len(prefix) :] for name in weights}
+        config = self.runner.source.config
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim is None and getattr(config, "num_attention_heads", None):
+            head_dim = config.hidden_size // config.num_attention_heads
+        found = infer_mappings(layer, balance, lambda: self.runner.forward_batch(index), head_dim)
+        mappings = [m for m in found.mappings if self.smoothing.wants(m)]
+        left = [m.name for m in found.mappings if not self.smoothing.wants(m)]
+        for reason in found.skipped:
+            log.warning("%s: mapping skipped: %s", self.smoothing.method, reason)
+        if not mappings:
+            raise LlmpressError(
+                f"{self.smoothing.method}: no smoothing mapping applies to this model's layers"
+                + (f" ({'; '.join(found.skipped)})" if found.skipped else "")
+            )
+        log.info("%s mappings: %s", self.smoothing.method, ", ".join(m.name for m in mappings))
+        unused = [f"{name}: not used by {self.smoothing.method}" for name in left]
+        self.report["smoothing"].update(
+            method=self.smoothing.method,
+            mappings=[m.name for m in mappings],
+            skipped=found.skipped + unused,
+        )
+        self.report["smoothing"].setdefault("sites", {})
+        return mappings
+
+    def _smooth(self, index, layer, weights, others, watch: _InputObserver, observer) -> None:
+        """Choose and apply each mapping's scales, in order: `weights` and `others` (the
+        checkpoint's tensors, written later) and the resident layer take the smoothed values,
+        and the observed statistics become those of the smoothed inputs."""
+        prefix = f"{self.runner.source.layer_prefix}.{index}."
+        tensors = {f"{n[len(prefix) :]}.weight": w for n, w in weights.items()}
+        tensors.update({k[len(prefix) :]: v for k, v in others.items() if k.startswith(prefix)})
+        before = dict(tensors)
+        options, device = self.smoothing, self.device
+        for mapping in self.mappings:
+            members = [prefix + b for b in mapping.balance]
+            stats = watch.channels[members[0]]
+            balance = [tensors[f"{b}.weight"].to(device, torch.float32) for b in mapping.balance]
+            entry: dict = {}
+            if options.method == "awq":
+                hessian = watch.hessians[members[0]].mean(device)
+                result = search_scale(
+                    mapping,
+                    balance,
+                    hessian,
+                    stats.abs_mean(),
+                    self.plan.scheme.weights,
+                    observer,
+                    self.checkpoint_dtype,
+                    options.duo_scaling,
+                    options.grid,
+                )
+                scale = result.scale
+                entry = {"ratio": result.ratio, "loss_rtn": result.loss_rtn, "loss": result.loss}
+                del hessian
+            else:
+                scale = smoothing_scale(mapping, balance, stats.absmax(), options.strength)
+            entry["scale_range"] = [float(scale.min()), float(scale.max())]
+            self.report["smoothing"]["sites"][f"{prefix}{mapping.smooth}"] = entry
+            apply_scale(mapping, scale, tensors)
+            columns = mapping.expand(scale)
+            stats.divide(columns)
+            if watch.hessians is not None and members[0] in watch.hessians:
+                watch.hessians[members[0]].divide(columns)
+            if self.static:
+                for m in members:
+                    watch.lo[m], watch.hi[m] = stats.lo.min().cpu(), stats.hi.max().cpu()
+        for name in weights:
+            weights[name] = tensors[f"{name[len(prefix) :]}.weight"]
+        if options.method == "awq" and options.clip:
+            self._clip(weights, watch, observer)
+        changed = {k: v for k, v in tensors.items() if v is not before[k]}
+        for key, value in changed.items():
+            if prefix + key in others:
+                others[prefix + key] = value
+        load_tensors(layer, {k: self.runner.placed(v) for k, v in changed.items()})
+
+    def _clip(self, weights, watch: _InputObserver, observer) -> None:
+        """AWQ's clipping search on the smoothed weights, but for q and k (their error passes
+        through the attention softmax, which the output error does not see)."""
+        clipped = self.report["smoothing"].setdefault("clip", {})
+        for name, weight in weights.items():
+            if name.rsplit(".", 1)[-1] in CLIP_SKIPPED:
+                continue
+            hessian = watch.hessians[name].mean(self.device)
+            result = clip_search(
+                weight.to(self.device, torch.float32),
+                hessian,
+                self.plan.scheme.weights,
+                observer,
+                self.checkpoint_dtype,
+            )
+            weights[name] = result.weight.to(weight.dtype)
+            clipped[name] = {
+                "mean_shrink": round(result.mean_shrink, 4),
+                "loss_before": result.loss_before,
+                "loss": result.loss,
+            }
 
     def _input_params(
         self, name: str, ranges: _InputObserver, dtype: torch.dtype

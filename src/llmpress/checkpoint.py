@@ -70,13 +70,23 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
     if plan.kv_cache is not None:
         modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
     kind = "QuantizationModifier"
-    if options.method == "gptq":
+    if options.solver == "gptq":
         kind = "GPTQModifier"
         modifier["block_size"] = options.block_size
         modifier["dampening_frac"] = options.dampening_frac
         modifier["actorder"] = None if options.actorder == "none" else options.actorder
         modifier["offload_hessians"] = options.offload_hessians
-    recipe = {"quant_stage": {"quant_modifiers": {kind: modifier}}}
+    modifiers = {}
+    if options.smoother == "smoothquant":
+        modifiers["SmoothQuantModifier"] = {"smoothing_strength": options.smoothing_strength}
+    elif options.smoother == "awq":
+        # As llm-compressor 0.14 spells it: AWQ smooths, the quantization modifier after it
+        # quantizes (its scheme is what AWQ's search rounds to).
+        modifiers["AWQModifier"] = {"duo_scaling": options.duo_scaling, "n_grid": options.awq_grid}
+        if options.awq_clip:  # llmpress' own option: llm-compressor 0.14 has no clipping
+            modifiers["AWQModifier"]["llmpress_clip"] = True
+    modifiers[kind] = modifier
+    recipe = {"quant_stage": {"quant_modifiers": modifiers}}
     header = (
         f"# written by llmpress: scheme {options.scheme}, method {options.method}, "
         f"observer {options.observer}\n"
@@ -179,16 +189,17 @@ def summarize(checkpoint: Path) -> dict:
         "size_bytes": size,
         "bf16_equivalent_bytes": dense_bytes,
         "compression_ratio": dense_bytes / size if size else 0.0,
-        "gptq": _gptq_report(checkpoint),
+        "gptq": _manifest_section(checkpoint, "gptq"),
+        "smoothing": _manifest_section(checkpoint, "smoothing"),
     }
 
 
-def _gptq_report(checkpoint: Path) -> dict | None:
-    """GPTQ's per-module report from llmpress.json, where the checkpoint was solved by it."""
+def _manifest_section(checkpoint: Path, section: str) -> dict | None:
+    """A report from llmpress.json (GPTQ's per module, smoothing's per site), if written."""
     manifest = checkpoint / "llmpress.json"
     if not manifest.is_file():
         return None
-    return json.loads(manifest.read_text()).get("gptq")
+    return json.loads(manifest.read_text()).get(section)
 
 
 def _describe_args(args) -> str:

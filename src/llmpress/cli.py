@@ -12,6 +12,23 @@ import click
 from llmpress.errors import LlmpressError
 
 
+def _print_smoothing(report: dict) -> None:
+    sites = report.get("sites", {})
+    click.echo(f"  {report['method']}: {len(sites)} sites smoothed")
+    for mapping in report["mappings"]:
+        click.echo(f"    {mapping}")
+    for reason in report.get("skipped", []):
+        click.echo(f"    skipped {reason}")
+    searched = [s for s in sites.values() if "loss" in s]
+    if searched:
+        gain = sum(s["loss"] for s in searched) / max(sum(s["loss_rtn"] for s in searched), 1e-30)
+        kept = sum(s["ratio"] is None for s in searched)
+        click.echo(
+            f"    output error {gain:.3f}x round-to-nearest's over all sites; "
+            f"{kept} sites left unscaled (no scale beat rounding)"
+        )
+
+
 def _size(text: str) -> int:
     """'2GB', '500MB', '1GiB' or a byte count."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
@@ -91,9 +108,36 @@ def main() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "gptq"]),
+    type=click.Choice(["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"]),
     default=None,
-    help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations.",
+    help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
+    "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "
+    "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8).",
+)
+@click.option(
+    "--smoothing-strength",
+    type=float,
+    default=None,
+    help="SmoothQuant's alpha: how much of the activations' range moves to the weights "
+    "(default 0.5).",
+)
+@click.option(
+    "--duo-scaling/--no-duo-scaling",
+    default=None,
+    help="AWQ: scales from activation and weight magnitudes (default) or activations only.",
+)
+@click.option(
+    "--awq-grid",
+    type=int,
+    default=None,
+    help="AWQ: exponents tried per smoothing site (default 20; the search costs this many "
+    "roundings and error evaluations of each layer).",
+)
+@click.option(
+    "--awq-clip",
+    is_flag=True,
+    default=None,
+    help="AWQ: also search each weight group's clipping range on the calibration inputs.",
 )
 @click.option("--block-size", type=int, default=None, help="GPTQ columns per block (default 128).")
 @click.option(
@@ -160,6 +204,10 @@ def compress(
     actorder,
     offload_hessians,
     propagate,
+    smoothing_strength,
+    duo_scaling,
+    awq_grid,
+    awq_clip,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -188,6 +236,10 @@ def compress(
         actorder=actorder,
         offload_hessians=offload_hessians or None,
         propagate=propagate,
+        smoothing_strength=smoothing_strength,
+        duo_scaling=duo_scaling,
+        awq_clip=awq_clip,
+        awq_grid=awq_grid,
     )
     cap = None if max_memory is None else _size(max_memory)
     if dry_run:
@@ -276,6 +328,8 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
     click.echo(f"  quantized layers: {info['quantized_layers']}")
     for kind, stored in info["layers_by_kind"].items():
         click.echo(f"    {kind}: {', '.join(f'{n} x {label}' for label, n in stored.items())}")
+    if info.get("smoothing"):
+        _print_smoothing(info["smoothing"])
     if info.get("gptq"):
         report = info["gptq"]
         better = sum(r["loss"] < r["loss_rtn"] for r in report.values())

@@ -81,6 +81,11 @@ class Hessian:
             rows = slice(start, start + HESSIAN_PANEL)
             total[rows, start:].addmm_(x[:, rows].t(), x[:, start:])
 
+    def divide(self, scale: torch.Tensor) -> None:
+        """The Hessian of x / scale (per column), after smoothing divided the input."""
+        scale = scale.to(self.sum.device, torch.float32)
+        self.sum = self.sum / (scale.reshape(-1, 1) * scale.reshape(1, -1))
+
     def mean(self, device: torch.device | str) -> torch.Tensor:
         if self.tokens == 0:
             raise LlmpressError("a module saw no calibration tokens; GPTQ needs its inputs")
@@ -266,7 +271,7 @@ def gptq_quantize(
         zero_point = torch.cat(zeros, dim=1) if zeros[0] is not None else None
 
     hessian = hessian.to(w.device, torch.float32)
-    rtn = _rtn(original, args, observer, global_scale, scale_dtype)
+    rtn = rtn_dequantized(original, args, observer, global_scale, scale_dtype)
     return GPTQResult(
         weight=quantized,
         scale=scale,
@@ -328,8 +333,9 @@ def _group_args(args: QuantizationArgs, g: int) -> QuantizationArgs:
     return args.model_copy(update={"group_size": g, "actorder": None})
 
 
-def _rtn(weight, args, observer, global_scale, scale_dtype) -> torch.Tensor:
-    """Round-to-nearest of the same weight, for the report's comparison."""
+def rtn_dequantized(weight, args, observer, global_scale, scale_dtype) -> torch.Tensor:
+    """Round-to-nearest, quantized and dequantized in float32: the baseline GPTQ reports
+    against, and what AWQ searches over."""
     scale, zero_point = weight_qparams(weight, args, observer, global_scale)
     scale = _stored(scale, args, scale_dtype)
     no_order = args.model_copy(update={"actorder": None})

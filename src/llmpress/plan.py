@@ -64,8 +64,14 @@ class CompressOptions(BaseModel):
     # llmpress.kvcache); calibrated on `dataset`.
     kv_cache: Literal["fp8", "fp8-head"] | None = None
     # How weights are rounded: "rtn" (round to nearest, by the observer) or "gptq" (error
-    # feedback through the inputs' Hessian, llmpress.gptq; needs `dataset`).
-    method: Literal["rtn", "gptq"] = "rtn"
+    # feedback through the inputs' Hessian, llmpress.gptq; needs `dataset`), after optional
+    # smoothing: "awq" (weight-only schemes, then round to nearest), "smoothquant" (schemes
+    # that quantize activations), "smoothquant+gptq" (the standard W8A8 recipe).
+    method: Literal["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"] = "rtn"
+    smoothing_strength: float = Field(default=0.5, gt=0, le=1)  # SmoothQuant's α
+    duo_scaling: bool = True  # AWQ: scales from activations and weights (False: activations)
+    awq_clip: bool = False  # AWQ: also search each weight group's clipping range
+    awq_grid: int = Field(default=20, gt=1)  # AWQ: exponents tried per smoothing site
     block_size: int = Field(default=128, gt=0)
     dampening_frac: float = Field(default=0.01, gt=0)
     # GPTQ's column order: "static" (= "weight", llm-compressor's default), "group"
@@ -77,6 +83,16 @@ class CompressOptions(BaseModel):
     # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
     # pass itself: one pass per layer, about half the time, statistics of the original model).
     propagate: Literal["compressed", "original"] = "compressed"
+
+    @property
+    def solver(self) -> str:
+        """How the weights are rounded once smoothed: "gptq" or "rtn"."""
+        return "gptq" if self.method.endswith("gptq") else "rtn"
+
+    @property
+    def smoother(self) -> str | None:
+        """The smoothing applied before rounding: "awq", "smoothquant" or None."""
+        return self.method.split("+")[0] if self.method.startswith(("awq", "smooth")) else None
 
     @property
     def layout(self) -> str:
@@ -151,8 +167,9 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
             f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
         )
     _check_divisible(scheme, chosen, linears)
-    if options.method == "gptq":
+    if options.solver == "gptq":
         _gptq_actorder(scheme, options.actorder)
+    _check_smoothing(scheme, options)
     kv_cache = None
     if options.kv_cache is not None:
         kv_cache = kv_cache_args(options.kv_cache)
@@ -195,6 +212,32 @@ def _check_divisible(
         raise LlmpressError(
             f"group size {args.group_size} does not divide in_features of {layers}; "
             f"use {hint}, or --ignore those layers"
+        )
+
+
+def _check_smoothing(scheme: QuantizationScheme, options: CompressOptions) -> None:
+    """AWQ protects weights whose activations are large: weight-only schemes. SmoothQuant
+    eases activation quantization: schemes that quantize activations."""
+    weight_only = scheme.input_activations is None
+    if options.smoother == "awq" and not weight_only:
+        raise LlmpressError(
+            f"--method awq is for weight-only schemes (W4A16, W4A16_ASYM, NVFP4A16...); "
+            f"{options.scheme} quantizes activations: use --method smoothquant+gptq"
+        )
+    if options.awq_clip and (
+        options.smoother != "awq"
+        or scheme.weights.type != "int"
+        or scheme.weights.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
+    ):
+        raise LlmpressError(
+            "--awq-clip searches int weight groups' ranges after AWQ: use it with --method awq "
+            f"and an int scheme in groups or channels (W4A16, W8A16...), not {options.scheme} "
+            f"by {options.method}"
+        )
+    if options.smoother == "smoothquant" and weight_only:
+        raise LlmpressError(
+            f"--method {options.method} eases activation quantization; {options.scheme} "
+            "keeps activations unquantized: use --method awq or gptq"
         )
 
 

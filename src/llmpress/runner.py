@@ -205,11 +205,11 @@ class LayerRunner:
             if value is not None
         ]
         tensors = self.source.read([k for k in keys if k in self.source.tensor_entries])
-        tensors = {k: self._placed(v) for k, v in tensors.items()}
+        tensors = {k: self.placed(v) for k, v in tensors.items()}
         for name, module in wanted.items():
             _set_parameters(module, tensors, f"{name}." if name else "")
 
-    def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
+    def placed(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device)
         return tensor.to(self.dtype) if self.dtype and tensor.is_floating_point() else tensor
 
@@ -261,7 +261,7 @@ class LayerRunner:
         if tensors is None:
             names = [n for n in self.source.tensor_entries if n.startswith(prefix)]
             tensors = self.source.read(names)
-        tensors = {k: self._placed(v) for k, v in tensors.items()}
+        tensors = {k: self.placed(v) for k, v in tensors.items()}
         for name, module in layer.named_modules():
             _set_parameters(module, tensors, f"{prefix}{name}." if name else prefix)
         return layer
@@ -285,6 +285,14 @@ class LayerRunner:
                 self.cache.put(i, out[0] if isinstance(out, tuple) else out)
         if update:
             self.cache.advance()
+
+    @torch.inference_mode()
+    def forward_batch(self, index: int, batch: int = 0) -> torch.Tensor:
+        """Layer `index`'s output on one batch, without keeping it (probes, checks)."""
+        out = self.layers[index](
+            self.cache.get(batch).to(self.device), **self.batches[batch].calls[index]
+        )
+        return out[0] if isinstance(out, tuple) else out
 
     def hidden_states(self) -> list[torch.Tensor]:
         """The current hidden states, one [1, length, hidden] tensor per sample, in order."""

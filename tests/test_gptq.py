@@ -205,13 +205,16 @@ def test_group_actorder_checkpoint_loads_and_matches_its_reference(tokenized_lla
 
 
 @pytest.mark.parametrize(
-    "scheme", ["W4A16_ASYM", "W8A8", "W3A16", "W4AFP8", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"]
+    # One scheme per weight path: int groups, int channels, fp8 channels, both fp4 formats.
+    # W3A16 and W4AFP8 (int groups again) were dropped to keep the suite under 20 minutes.
+    "scheme",
+    ["W4A16_ASYM", "W8A8", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"],
 )
 def test_other_schemes_load_close_to_the_base(scheme, tokenized_llama, tmp_path):
     """Int groups and channels, fp8 per channel, and the fp4 formats (through
     compressed-tensors' own quantizer): GPTQ beats round-to-nearest module by module."""
     out = tmp_path / scheme
-    group = {"W4A16_ASYM": 32, "W3A16": 32, "W4AFP8": 128}.get(scheme)
+    group = {"W4A16_ASYM": 32}.get(scheme)
     compress(
         str(tokenized_llama),
         str(out),
@@ -236,7 +239,7 @@ def test_other_schemes_load_close_to_the_base(scheme, tokenized_llama, tmp_path)
         # calibration's) GPTQ's fp8 was measured 0.113 against RTN's 0.092: only the
         # calibration-input loss above is guaranteed lower there.
         assert error < float((rounded - base).norm() / base.norm()), scheme
-    assert error < (0.7 if scheme == "W3A16" else 0.5)  # 3 bits on random weights: 0.63
+    assert error < 0.5
 
 
 def test_gptq_needs_data_and_int_groups_for_group_order(tokenized_llama, tmp_path):

@@ -184,7 +184,8 @@ def infer_mappings(
     of the quantized modules). `run`: one forward of the layer on real inputs, returning its
     output; `head_dim`: attention head size, for grouped-query v -> o."""
     modules = dict(layer.named_modules())
-    norms = {n for n, m in modules.items() if n and is_norm(m)}
+    # In module order, so that the sites (and the output bytes) are the same on every run.
+    norms = [n for n, m in modules.items() if n and is_norm(m)]
     readers = _readers_of_norms(layer, modules, norms, run)
     candidates: list[Mapping] = []
     skipped: list[str] = []

@@ -170,8 +170,8 @@ def dry_run(
     calibration = None
     activation_bytes = 0
     static = needs_calibration(plan.scheme)
-    gptq = options.method != "rtn"  # GPTQ, AWQ or SmoothQuant: layer inputs are observed
-    if static or gptq or plan.kv_cache is not None:
+    observed = options.method != "rtn"  # GPTQ, AWQ or SmoothQuant observe the layers' inputs
+    if static or observed or plan.kv_cache is not None:
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
         hidden = getattr(source.config, "hidden_size", 0)
@@ -187,7 +187,7 @@ def dry_run(
         if options.propagate == "original":
             passes = 1
         else:
-            passes = 1 + (static or gptq) + (plan.kv_cache is not None)
+            passes = 1 + (static or observed) + (plan.kv_cache is not None)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         generation = tokens * hidden * 4  # float32 hidden states
         activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)

@@ -22,14 +22,11 @@ their offset.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 # Linear -> Linear pairs inside one parent: (smooth, balance, which rows of smooth).
 # Rows "all" or, for fused projections, the part that feeds the balance layer.

@@ -26,9 +26,9 @@ import llmpress.gptq as gptq
 from llmpress import compress
 
 
-def matmul_rate(n: int = 2048, repeat: int = 10) -> float:
-    """Best float32 GFLOP/s of an n x n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeat: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an n x n x n product in `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeat):
@@ -49,6 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--propagate", default="compressed", choices=["compressed", "original"])
     args = ap.parse_args()
 
     hessian, solve = Tally(), Tally()
@@ -74,6 +76,7 @@ def main() -> None:
     gptq.Hessian.add = timed_add
     calibrate.gptq_quantize = timed_quantize
     peak = matmul_rate()
+    peak16 = matmul_rate(dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         compress(
@@ -85,14 +88,20 @@ def main() -> None:
             dataset="pydoc-calibration",
             num_samples=args.num_samples,
             seq_len=args.seq_len,
+            compute_dtype=args.compute_dtype,
+            propagate=args.propagate,
             progress=False,
         )
         wall = time.perf_counter() - start
     peak_after = matmul_rate()
     print(
         f"float32 matmul rate (2048^3, best of 10): {peak:.0f} GFLOP/s before, {peak_after:.0f} after"
+        f"; bfloat16: {peak16:.0f} GFLOP/s"
     )
-    print(f"run: SmolLM2 W4A16 g64 GPTQ, {args.num_samples} x {args.seq_len}, wall {wall:.1f} s")
+    print(
+        f"run: SmolLM2 W4A16 g64 GPTQ, {args.num_samples} x {args.seq_len}, compute "
+        f"{args.compute_dtype}, propagate {args.propagate}, wall {wall:.1f} s"
+    )
     for name, t in (("Hessian", hessian), ("solve", solve)):
         rate = t.flops / t.seconds / 1e9
         line = f"{name}: {t.seconds:.1f} s, {t.flops / 1e12:.2f} TFLOP, {rate:.0f} GFLOP/s = {rate / peak:.0%} of the matmul rate"

@@ -13,6 +13,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
+from llmpress.calibrate import compute_dtype
+
+# What calibration computes a bf16 checkpoint in on this CPU (bf16 where it has bf16 units,
+# else float32): references computed in it must give the stored scales exactly.
+COMPUTE_DTYPE = compute_dtype("cpu", torch.bfloat16)
+
 
 def stored_modules(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every tensor of the checkpoint, grouped by module, under local names."""
@@ -52,15 +58,18 @@ def load_transformers(checkpoint: Path, decompress: bool = True, dtype=torch.bfl
 
 def layer0_inputs(model_dir: Path, names, calibration: dict) -> dict[str, torch.Tensor]:
     """Each named layer-0 module's inputs [tokens, in_features] on the calibration samples,
-    from the plain float32 model (as calibration computes on the CPU): they depend on no
+    from the plain model computed as calibration computes here: they depend on no
     quantization, so an independent reference for layer 0's scales and errors."""
     inputs = module_inputs(model_dir, names, calibration, layers=(0,))
     return {name.removeprefix("model.layers.0."): x for name, x in inputs.items()}
 
 
-def module_inputs(model_dir: Path, names, calibration: dict, layers) -> dict[str, torch.Tensor]:
+def module_inputs(
+    model_dir: Path, names, calibration: dict, layers, dtype=None
+) -> dict[str, torch.Tensor]:
     """The named modules' inputs [tokens, in_features] in each of `layers`, by full name
-    ("model.layers.3.mlp.down_proj"), from the plain float32 model on the calibration samples."""
+    ("model.layers.3.mlp.down_proj"), from the plain model on the calibration samples,
+    computed in `dtype` (default: what calibration computes in here), returned in float32."""
     from transformers import AutoTokenizer
 
     from llmpress.data import calibration_set
@@ -69,7 +78,7 @@ def module_inputs(model_dir: Path, names, calibration: dict, layers) -> dict[str
     samples = calibration_set(
         calibration["dataset"], tokenizer, calibration["num_samples"], calibration["seq_len"]
     ).samples
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or COMPUTE_DTYPE).eval()
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for index in layers:
@@ -88,7 +97,7 @@ def module_inputs(model_dir: Path, names, calibration: dict, layers) -> dict[str
             model(sample.unsqueeze(0))
     for hook in hooks:
         hook.remove()
-    return {name: torch.cat(values) for name, values in seen.items()}
+    return {name: torch.cat(values).float() for name, values in seen.items()}
 
 
 @torch.no_grad()

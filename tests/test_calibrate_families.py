@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES
-from helpers import load_transformers, logits, relative_error, stored_modules
+from helpers import COMPUTE_DTYPE, load_transformers, logits, relative_error, stored_modules
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
@@ -85,13 +85,13 @@ def test_fp8_static_loads_stays_close_and_scales_every_linear(
 
     # Layer 0's inputs do not depend on any quantization: the plain model's, hooked, must give
     # its scales exactly (embedding scaling, norms and masks all as the family computes them).
-    # Calibration computes in float32 on the CPU, so the reference model does too.
+    # The reference model computes in what calibration computes in here (COMPUTE_DTYPE).
     tokenizer = AutoTokenizer.from_pretrained(source)
     samples = calibration_set(str(calibration_text), tokenizer, **CALIBRATION).samples
     base = load_transformers(source, decompress=False)
-    fp32 = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(source, dtype=COMPUTE_DTYPE).eval()
     names = ["self_attn.qkv_proj" if family == "phi3" else "self_attn.q_proj", "mlp.down_proj"]
-    absmax = _first_layer_absmax(fp32, fp32.model.layers[0], names, samples)
+    absmax = _first_layer_absmax(plain, plain.model.layers[0], names, samples)
     stored = stored_modules(out)
     for name in names:
         expected = torch.tensor(absmax[name] / FP8_MAX).to(torch.bfloat16)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from helpers import COMPUTE_DTYPE
+
 from llmpress.schemes import scheme_names
 
 
@@ -94,6 +96,8 @@ def test_dry_run_of_a_calibrated_scheme_shows_the_calibration_and_needs_data(
     assert proc.returncode == 0, proc.stderr
     assert not list(tmp_path.iterdir())
     assert "FP8 by rtn + static activation scales" in proc.stdout
-    # 64 x 512 tokens of 128-wide float32 hidden states, two generations: 33.6 MB.
+    # 64 x 512 tokens of 128-wide hidden states in the compute dtype, two generations: 33.6 MB
+    # in float32, 16.8 MB in bf16.
     assert "64 samples x 512 tokens at most from pydoc-calibration (seed 0)" in proc.stdout
-    assert "activations 34 MB, 10 MB of it in memory" in proc.stdout
+    megabytes = 34 if COMPUTE_DTYPE.itemsize == 4 else 17
+    assert f"activations {megabytes} MB, 10 MB of it in memory" in proc.stdout

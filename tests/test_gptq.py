@@ -117,14 +117,17 @@ def test_hessian_is_the_mean_of_x_xt_over_every_batch():
     assert torch.allclose(got, _hessian(flat), rtol=1e-5, atol=1e-5)
 
 
-def test_propagate_original_solves_on_the_original_models_inputs(tokenized_llama, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_propagate_original_solves_on_the_original_models_inputs(dtype, tokenized_llama, tmp_path):
     """One pass per layer: a deep layer's Hessian is that of the plain model's activations,
-    so the reported loss is |ΔW x|² over exactly those inputs."""
+    computed in the compute dtype, so the reported loss is |ΔW x|² over exactly those inputs.
+    In bfloat16 (what a CPU with bf16 units computes in) the Hessian is still exact."""
     out = tmp_path / "one-pass"
     compress(str(tokenized_llama), str(out), "W8A8", method="gptq", propagate="original",
-             progress=False, **CALIBRATION)  # fmt: skip
+             compute_dtype=dtype, progress=False, **CALIBRATION)  # fmt: skip
     names = ("self_attn.o_proj", "mlp.down_proj")
-    inputs = module_inputs(tokenized_llama, names, CALIBRATION, layers=(3, 12))
+    inputs = module_inputs(tokenized_llama, names, CALIBRATION, (3, 12), getattr(torch, dtype))
+    inputs = {name: x.float() for name, x in inputs.items()}
     plain = AutoModelForCausalLM.from_pretrained(tokenized_llama, dtype=torch.float32)
     report = json.loads((out / "llmpress.json").read_text())["gptq"]
     stored = stored_modules(out)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from compressed_tensors.modeling.kvcache import register_key_hook, register_value_hook
-from helpers import load_transformers
+from helpers import COMPUTE_DTYPE, load_transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,10 +86,10 @@ def test_scales_equal_the_keys_and_values_transformers_caches_from_the_checkpoin
     weights, quantized inputs, and each layer's fp8 cache feeding the next), and
     compressed-tensors' own key/value hooks see what it caches (keys after rotary) just
     before quantizing it. Their absmax over the calibration samples, / 448, is the scale.
-    Calibration computes in float32 on the CPU, so transformers does too here."""
+    transformers computes in what calibration computes in here (COMPUTE_DTYPE)."""
     checkpoint = request.getfixturevalue(name)
     per_head = name == "dynamic_head_kv"
-    model = load_transformers(checkpoint, decompress=False, dtype=torch.float32)
+    model = load_transformers(checkpoint, decompress=False, dtype=COMPUTE_DTYPE)
     amax: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(model.model.layers):
         for kind, register in (("k", register_key_hook), ("v", register_value_hook)):

@@ -51,6 +51,7 @@ def compress(
     observer: str = "minmax",
     group_size: int | None = None,
     device: str = "cpu",
+    compute_dtype: str | None = None,
     force: bool = False,
     max_shard_size: int = 2 * 1024**3,
     packing: str = "auto",
@@ -95,6 +96,7 @@ def compress(
         observer=observer,
         group_size=group_size,
         device=device,
+        compute_dtype=compute_dtype,
         max_shard_size=max_shard_size,
         packing=packing,
         dataset=dataset,
@@ -153,7 +155,7 @@ def dry_run(
 ) -> dict:
     """What `run` would do, from headers and config alone: no weights are read, nothing is
     written. Fails as `run` would on a plan that cannot work (a static scheme without data)."""
-    from llmpress.calibrate import needs_calibration
+    from llmpress.calibrate import compute_dtype, needs_calibration
 
     source = ModelSource.open(model)
     plan = build_plan(source, options)
@@ -189,7 +191,9 @@ def dry_run(
         else:
             passes = 1 + (static or observed) + (plan.kv_cache is not None)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
-        generation = tokens * hidden * 4  # float32 hidden states
+        checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
+        dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
+        generation = tokens * hidden * dtype.itemsize  # hidden states in the compute dtype
         activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
         calibration = {
             "dataset": options.dataset,
@@ -280,6 +284,7 @@ def run(
                 options.device,
                 cache,
                 resumed=record is not None,
+                compute=options.compute_dtype,
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
                 propagate=options.propagate,

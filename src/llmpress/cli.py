@@ -76,6 +76,13 @@ def main() -> None:
     "--group-size", type=int, default=None, help="Override the scheme's weight group size."
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default=None,
+    help="What calibration computes in. auto: a bf16 checkpoint's bf16 on GPUs and on CPUs "
+    "with native bf16 products, float32 on other CPUs.",
+)
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
 @click.option(
     "--packing",
@@ -186,6 +193,7 @@ def compress(
     observer,
     group_size,
     device,
+    compute_dtype,
     max_shard_size,
     packing,
     force,
@@ -223,6 +231,7 @@ def compress(
         observer=observer,
         group_size=group_size,
         device=device,
+        compute_dtype=compute_dtype,
         max_shard_size=_size(max_shard_size),
         packing=packing,
         dataset=dataset,

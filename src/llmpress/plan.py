@@ -51,6 +51,10 @@ class CompressOptions(BaseModel):
     observer: Literal["minmax", "mse"] = "minmax"
     group_size: int | None = Field(default=None, gt=0)
     device: str = "cpu"
+    # What calibration computes in: "auto" is the checkpoint's bfloat16 on GPUs and on CPUs
+    # with native bf16 products (AVX512-BF16, AMX), float32 on other CPUs (and for float16 or
+    # float32 checkpoints on any CPU).
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_shard_size: int = Field(default=2 * 1024**3, gt=0)
     # Sub-byte layout for 3/5/6/7-bit weights: "auto" is what the installed compressed-tensors
     # reads; "dense" is what vLLM and compressed-tensors >= 0.18 read; "padded" is <= 0.17's.

@@ -44,8 +44,9 @@ class CompressResult:
 def compress(
     model: str | os.PathLike,
     output: str | os.PathLike,
-    scheme: str,
+    scheme: str | None = None,
     *,
+    recipe: str | os.PathLike | dict | None = None,
     targets: list[str] | tuple[str, ...] | None = None,
     ignore: list[str] | tuple[str, ...] | None = None,
     observer: str = "minmax",
@@ -74,7 +75,8 @@ def compress(
     awq_clip: bool | None = None,
     awq_grid: int | None = None,
 ) -> CompressResult:
-    """Compress MODEL into a compressed-tensors checkpoint at OUTPUT.
+    """Compress MODEL into a compressed-tensors checkpoint at OUTPUT, by a preset `scheme` or
+    an llm-compressor `recipe` (a YAML file or text, or its parsed mapping).
 
     Weights are quantized by round-to-nearest with a min-max or MSE observer, or with
     `method="gptq"` solved by GPTQ on calibration text (`block_size`, `dampening_frac`,
@@ -91,6 +93,7 @@ def compress(
     """
     options = compress_options(
         scheme,
+        recipe,
         targets=targets,
         ignore=ignore,
         observer=observer,
@@ -126,11 +129,26 @@ def compress(
     )
 
 
-def compress_options(scheme: str, **fields) -> CompressOptions:
-    """Options from keyword arguments (None: the default), with one-line validation errors."""
+def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptions:
+    """Options from keyword arguments (None: the default) and/or a recipe (llmpress.recipe),
+    with one-line validation errors."""
     for key in ("targets", "ignore"):
         if fields.get(key) is not None:
             fields[key] = tuple(fields[key])
+    if recipe is not None:
+        from llmpress.recipe import read_recipe
+
+        if scheme is not None:
+            raise LlmpressError("give a scheme or a recipe, not both: the recipe names its scheme")
+        from_recipe = read_recipe(recipe)
+        both = [k for k in from_recipe if fields.get(k) is not None]
+        if both:
+            flag = "--" + both[0].replace("_", "-")
+            raise LlmpressError(f"{flag} is set by the recipe too; drop one of the two")
+        fields.update(from_recipe)
+        scheme = fields.pop("scheme")
+    elif scheme is None:
+        raise LlmpressError("give a scheme (e.g. W4A16; `llmpress schemes` lists them) or a recipe")
     try:
         return CompressOptions(scheme=scheme, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:

@@ -60,7 +60,13 @@ def main() -> None:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
 )
-@click.option("--scheme", required=True, help="Preset name; `llmpress schemes` lists them.")
+@click.option("--scheme", default=None, help="Preset name; `llmpress schemes` lists them.")
+@click.option(
+    "--recipe",
+    default=None,
+    help="An llm-compressor recipe (YAML) instead of --scheme: its quantization modifier "
+    "gives the scheme, targets and ignore; GPTQ/AWQ/SmoothQuant modifiers the method.",
+)
 @click.option(
     "--targets",
     multiple=True,
@@ -188,6 +194,7 @@ def compress(
     model,
     output,
     scheme,
+    recipe,
     targets,
     ignore,
     observer,
@@ -226,6 +233,7 @@ def compress(
 
     options = compress_options(
         scheme,
+        recipe,
         targets=targets or None,
         ignore=ignore or None,
         observer=observer,

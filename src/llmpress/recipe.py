@@ -1,0 +1,328 @@
+"""Recipes: llm-compressor's YAML format (stages of modifiers) read into llmpress' options.
+
+A recipe is a mapping of stages (`quant_stage:`), each a mapping of modifier lists
+(`quant_modifiers:`), each a mapping of modifier names to their arguments, as llm-compressor
+writes and reads them. Modifier names and keys are spelled as llm-compressor 0.14 spells them;
+anything else is refused with the path of the bad key, so that a typo never runs silently
+with a default. `checkpoint.recipe_yaml` writes what `read_recipe` reads back to the same
+options.
+
+This release runs one quantization group per recipe (one scheme over its targets, by one
+method): mixed precision (several config groups or schemes) and sparsity modifiers are
+refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from pydantic import ValidationError
+
+from llmpress.errors import LlmpressError
+from llmpress.kvcache import kv_cache_args
+from llmpress.schemes import build_scheme, scheme_names
+
+log = logging.getLogger(__name__)
+
+# The keys each modifier takes, and which of llmpress' options each one sets. None: read
+# below (scheme, config_groups, kv_cache_scheme, actorder), or accepted with no effect here
+# (NO_EFFECT: a warning says so).
+_QUANT_KEYS = {
+    "targets": "targets",
+    "ignore": "ignore",
+    "scheme": None,  # resolved to scheme/group_size/targets
+    "config_groups": None,
+    "kv_cache_scheme": None,
+}
+MODIFIER_KEYS: dict[str, dict[str, str | None]] = {
+    "QuantizationModifier": dict(_QUANT_KEYS),
+    "GPTQModifier": {
+        **_QUANT_KEYS,
+        "block_size": "block_size",
+        "dampening_frac": "dampening_frac",
+        "actorder": None,
+        "offload_hessians": "offload_hessians",
+        "sequential_update": None,  # llm-compressor's old flag: always sequential here
+        "sequential_targets": None,  # llmpress runs decoder layers in sequence
+    },
+    "AWQModifier": {
+        "duo_scaling": "duo_scaling",
+        "n_grid": "awq_grid",
+        "llmpress_clip": "awq_clip",
+        "mappings": None,
+        "ignore": None,  # the quantization modifier's ignore rules; sites onto ignored
+        "targets": None,  # modules are skipped (llmpress.smoothing)
+        "scheme": None,
+        "config_groups": None,
+        "offload_device": None,
+    },
+    "SmoothQuantModifier": {
+        "smoothing_strength": "smoothing_strength",
+        "mappings": None,
+        "ignore": None,
+        "num_calibration_steps": None,
+    },
+}
+# Accepted for llm-compressor's recipes, with no effect here: llmpress infers the smoothing
+# mappings from the model, always runs decoder layers in sequence, and keeps its tensors where
+# `--device` puts them.
+NO_EFFECT = {"mappings", "sequential_update", "sequential_targets", "offload_device",
+             "num_calibration_steps"}  # fmt: skip
+SPARSITY_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier", "MagnitudePruningModifier")
+QUANTIZERS = ("QuantizationModifier", "GPTQModifier")
+
+
+def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
+    """A recipe (a YAML file, YAML text or an already parsed mapping) as keyword arguments of
+    `compress_options`: scheme, targets, ignore, group_size, method and the method's options."""
+    data = _load(recipe)
+    modifiers = _modifiers(data)
+    names = [name for name, _, _ in modifiers]
+    for name, where, _ in modifiers:
+        if name in SPARSITY_MODIFIERS:
+            raise LlmpressError(
+                f"{where}: {name} (sparsification) is not supported yet by llmpress; "
+                "quantization modifiers are"
+            )
+        if name not in MODIFIER_KEYS:
+            known = ", ".join([*MODIFIER_KEYS, *SPARSITY_MODIFIERS])
+            raise LlmpressError(f"{where}: unknown modifier {name!r}; known: {known}")
+    quantizers = [m for m in modifiers if m[0] in QUANTIZERS]
+    if len(quantizers) != 1:
+        raise LlmpressError(
+            "a recipe needs exactly one QuantizationModifier or GPTQModifier (the scheme); "
+            f"this one has {len(quantizers)}: {', '.join(names) or 'no modifiers'}"
+        )
+    for name in ("AWQModifier", "SmoothQuantModifier"):
+        if names.count(name) > 1:
+            raise LlmpressError(f"a recipe takes one {name}; this one has {names.count(name)}")
+    if "AWQModifier" in names and "SmoothQuantModifier" in names:
+        raise LlmpressError("AWQModifier and SmoothQuantModifier cannot both smooth one scheme")
+
+    fields: dict[str, Any] = {}
+    for name, where, args in modifiers:
+        allowed = MODIFIER_KEYS[name]
+        for key in args:
+            if key not in allowed:
+                raise LlmpressError(
+                    f"{where}.{key}: unknown key for {name}; it takes {', '.join(allowed)}"
+                )
+            if key in NO_EFFECT and args[key] is not None:
+                log.warning("%s.%s: accepted, no effect in llmpress (%s)", where, key,
+                            "mappings are inferred from the model" if key == "mappings"
+                            else "layers run in sequence on --device")  # fmt: skip
+        for key, option in allowed.items():
+            if option is not None and key in args and args[key] is not None:
+                value = args[key]
+                fields[option] = _as_tuple(value) if option in ("targets", "ignore") else value
+    name, where, args = quantizers[0]
+    fields.update(_scheme_fields(where, args))
+    if name == "GPTQModifier":
+        fields["actorder"] = _actorder(args)
+    if args.get("kv_cache_scheme") is not None:
+        fields["kv_cache"] = _kv_cache(f"{where}.kv_cache_scheme", args["kv_cache_scheme"])
+    fields["method"] = _method(names)
+    if "AWQModifier" in names:
+        awq = next(a for n, _, a in modifiers if n == "AWQModifier")
+        fields.update(_awq_scheme_agrees(awq, fields))
+    return fields
+
+
+def _actorder(args: dict) -> str:
+    """GPTQ's column order: the modifier's `actorder`, else the one its config group's weights
+    name, else llm-compressor's default (static)."""
+    if "actorder" in args:
+        return "none" if args["actorder"] is None else str(args["actorder"])
+    for group in (args.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and "actorder" in weights:
+            return "none" if weights["actorder"] is None else str(weights["actorder"])
+    return "static"
+
+
+def _kv_cache(where: str, spelled: dict) -> str:
+    """The `--kv-cache` choice whose arguments the recipe's kv_cache_scheme spells."""
+    try:
+        args = QuantizationArgs.model_validate(spelled)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise LlmpressError(f"{where}.{key}: {first['msg']}") from None
+    for choice in ("fp8", "fp8-head"):
+        if _comparable(kv_cache_args(choice)) == _comparable(args):
+            return choice
+    raise LlmpressError(
+        f"{where}: llmpress quantizes the KV cache to fp8 with static scales per tensor (fp8) "
+        "or per head (fp8-head); these arguments are neither"
+    )
+
+
+def _load(recipe: str | os.PathLike | dict) -> dict:
+    if isinstance(recipe, dict):
+        return recipe
+    text = str(recipe)
+    path = Path(text).expanduser()
+    if "\n" not in text and (path.suffix in (".yaml", ".yml") or path.exists()):
+        if not path.is_file():
+            raise LlmpressError(f"recipe {text} not found")
+        text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LlmpressError(f"the recipe is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise LlmpressError("a recipe is a mapping of stages (e.g. quant_stage: ...)")
+    return data
+
+
+def _modifiers(data: dict) -> list[tuple[str, str, dict]]:
+    """(modifier name, where it sits as stage.group.name, its arguments), in recipe order."""
+    found = []
+    for stage, groups in data.items():
+        if not str(stage).endswith("_stage") or not isinstance(groups, dict):
+            raise LlmpressError(
+                f"{stage}: a recipe's top level holds stages named *_stage, each a mapping of "
+                "modifier groups (quant_stage: {quant_modifiers: {GPTQModifier: ...}})"
+            )
+        for group, modifiers in groups.items():
+            if not str(group).endswith("_modifiers") or not isinstance(modifiers, dict):
+                raise LlmpressError(
+                    f"{stage}.{group}: a stage holds modifier groups named *_modifiers, each a "
+                    "mapping of modifier names to their arguments"
+                )
+            for name, args in modifiers.items():
+                where = f"{stage}.{group}.{name}"
+                if args is None:
+                    args = {}
+                if not isinstance(args, dict):
+                    raise LlmpressError(f"{where}: a modifier's arguments are a mapping")
+                found.append((str(name), where, args))
+    return found
+
+
+def _method(names: list[str]) -> str:
+    solver = "gptq" if "GPTQModifier" in names else "rtn"
+    if "AWQModifier" in names:
+        if solver == "gptq":
+            raise LlmpressError("AWQModifier is followed by round to nearest here: use "
+                                "QuantizationModifier with it, not GPTQModifier")  # fmt: skip
+        return "awq"
+    if "SmoothQuantModifier" in names:
+        return "smoothquant+gptq" if solver == "gptq" else "smoothquant"
+    return solver
+
+
+def _scheme_fields(where: str, args: dict) -> dict[str, Any]:
+    """scheme, group_size and (from `scheme: {PRESET: [targets]}` or a config group) targets."""
+    scheme, groups = args.get("scheme"), args.get("config_groups")
+    if (scheme is None) == (groups is None):
+        raise LlmpressError(
+            f"{where}: give the scheme as `scheme` (a preset name, or {{PRESET: [targets]}}) "
+            "or as `config_groups`, one of the two"
+        )
+    if isinstance(scheme, str):
+        _preset(f"{where}.scheme", scheme)
+        return {"scheme": scheme.upper()}
+    if isinstance(scheme, dict):
+        if len(scheme) != 1:
+            raise _mixed(f"{where}.scheme", list(scheme))
+        (name, targets), = scheme.items()  # fmt: skip
+        _preset(f"{where}.scheme", str(name))
+        return {"scheme": str(name).upper(), "targets": _as_tuple(targets)}
+    if scheme is not None:
+        raise LlmpressError(f"{where}.scheme: a preset name or {{PRESET: [targets]}}")
+    if not isinstance(groups, dict) or not groups:
+        raise LlmpressError(f"{where}.config_groups: a mapping of group names to groups")
+    if len(groups) != 1:
+        raise _mixed(f"{where}.config_groups", list(groups))
+    (group_name, group), = groups.items()  # fmt: skip
+    return _spelled_out(f"{where}.config_groups.{group_name}", group)
+
+
+def _spelled_out(where: str, group: dict) -> dict[str, Any]:
+    """A config group spelled out: the preset (and group size) whose arguments it equals."""
+    if not isinstance(group, dict) or "targets" not in group or "weights" not in group:
+        raise LlmpressError(f"{where}: a config group needs targets and weights")
+    try:
+        scheme = QuantizationScheme.model_validate(group)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise LlmpressError(f"{where}.{key}: {first['msg']}") from None
+    except NotImplementedError as exc:  # compressed-tensors' refusal of some arguments
+        raise LlmpressError(f"{where}: {exc}") from None
+    targets = tuple(scheme.targets)
+    observer = scheme.weights.observer
+    for name in scheme_names():
+        for group_size in {None, scheme.weights.group_size}:
+            try:
+                preset = build_scheme(name, list(targets), group_size)
+            except LlmpressError:
+                continue
+            if _same(preset, scheme):
+                fields: dict[str, Any] = {"scheme": name, "targets": targets}
+                if group_size is not None and group_size != preset_group_size(name):
+                    fields["group_size"] = group_size
+                if observer in ("minmax", "mse"):
+                    fields["observer"] = observer
+                return fields
+    raise LlmpressError(
+        f"{where}: these arguments match no llmpress scheme (`llmpress schemes` lists them); "
+        "custom schemes are not supported yet"
+    )
+
+
+def preset_group_size(name: str) -> int | None:
+    return build_scheme(name, ["Linear"]).weights.group_size
+
+
+def _same(preset: QuantizationScheme, scheme: QuantizationScheme) -> bool:
+    """The same quantization: weights, input and output activations' arguments, without the
+    observer (an option here) and the activation order (GPTQ's `actorder` option)."""
+    for field in ("weights", "input_activations", "output_activations"):
+        a, b = getattr(preset, field), getattr(scheme, field)
+        if (a is None) != (b is None):
+            return False
+        if a is not None and _comparable(a) != _comparable(b):
+            return False
+    return preset.format in (None, scheme.format) or scheme.format is None
+
+
+def _comparable(args: QuantizationArgs) -> dict:
+    return args.model_dump(exclude={"observer", "observer_kwargs", "actorder"})
+
+
+def _awq_scheme_agrees(awq: dict, fields: dict[str, Any]) -> dict[str, Any]:
+    """llm-compressor 0.14's AWQModifier may name the scheme too: it must be the quantizer's."""
+    if awq.get("scheme") is None and awq.get("config_groups") is None:
+        return {}
+    own = _scheme_fields("AWQModifier", awq)
+    if own.get("scheme") != fields.get("scheme"):
+        raise LlmpressError(
+            f"AWQModifier's scheme {own.get('scheme')} differs from the quantization "
+            f"modifier's {fields.get('scheme')}: AWQ searches for the scheme it is rounded to"
+        )
+    return {}
+
+
+def _preset(where: str, name: str) -> None:
+    if name.upper() not in scheme_names():
+        raise LlmpressError(
+            f"{where}: unknown scheme {name!r}; choose one of {', '.join(scheme_names())}"
+        )
+
+
+def _mixed(where: str, names: list) -> LlmpressError:
+    return LlmpressError(
+        f"{where}: {len(names)} groups ({', '.join(map(str, names))}); mixed precision "
+        "(several schemes in one run) is not supported yet: one group per recipe"
+    )
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)

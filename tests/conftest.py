@@ -23,6 +23,10 @@ from transformers import (
 from llmpress.evaluate.texts import load_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist the cores are shared among the workers: torch's threads too.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / ".cache" / "fixtures" / "smollm2-135m"
 MINILM = REPO / ".cache" / "fixtures" / "all-minilm-l6-v2"

@@ -45,7 +45,7 @@ def test_compress_then_inspect(tiny_llama, tmp_path):
     assert group["format"] == "pack-quantized"
     assert group["weights"] == "int4 group 128 asym (static)"
     assert info["quantized_layers"] == 14 and info["ignore"] == ["lm_head"]
-    assert info["layers_by_kind"]["model.layers.*.mlp.down_proj"] == {"int packed in int32": 2}
+    assert info["layers_by_kind"]["model.layers.*.mlp.down_proj"] == {"int4 packed in int32": 2}
     assert 1.5 < info["compression_ratio"] < 4
 
     table = llmpress("inspect", out).stdout

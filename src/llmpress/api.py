@@ -146,8 +146,8 @@ def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptio
             flag = "--" + both[0].replace("_", "-")
             raise LlmpressError(f"{flag} is set by the recipe too; drop one of the two")
         fields.update(from_recipe)
-        scheme = fields.pop("scheme")
-    elif scheme is None:
+        scheme = fields.pop("scheme", None)
+    elif scheme is None and not fields.get("groups"):
         raise LlmpressError("give a scheme (e.g. W4A16; `llmpress schemes` lists them) or a recipe")
     try:
         return CompressOptions(scheme=scheme, **{k: v for k, v in fields.items() if v is not None})
@@ -189,7 +189,7 @@ def dry_run(
     seconds = source.total_bytes / ESTIMATE_BYTES_PER_SECOND
     calibration = None
     activation_bytes = 0
-    static = needs_calibration(plan.scheme)
+    static = any(needs_calibration(g.scheme) for g in plan.groups)
     observed = options.method != "rtn"  # GPTQ, AWQ or SmoothQuant observe the layers' inputs
     if static or observed or plan.kv_cache is not None:
         _require_dataset(options)
@@ -225,7 +225,7 @@ def dry_run(
         }
     return {
         "model": str(source.path),
-        "scheme": options.scheme,
+        "scheme": options.label,
         "kv_cache": options.kv_cache,
         "algorithm": options.method + (" + static activation scales" if static else ""),
         "observer": options.observer,
@@ -391,10 +391,12 @@ def _require_dataset(options: CompressOptions) -> None:
             what = "SmoothQuant computes its scales from the layers' inputs"
         elif options.solver == "gptq":
             what = "GPTQ solves the weights on the layers' inputs"
-        elif options.kv_cache and options.scheme.upper() not in CALIBRATED:
+        elif options.kv_cache and not any(
+            g.scheme.upper() in CALIBRATED for g in options.scheme_groups
+        ):
             what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
         else:
-            what = f"{options.scheme} quantizes activations with static scales"
+            what = f"{options.label} quantizes activations with static scales"
         raise LlmpressError(
             f"{what}, computed from calibration text: give --dataset (e.g. "
             "pydoc-calibration, or a .txt/.jsonl file)"
@@ -405,7 +407,8 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     """The calibration samples a static-activation scheme needs, or None."""
     from llmpress.calibrate import needs_calibration
 
-    if not needs_calibration(plan.scheme) and plan.kv_cache is None and options.method == "rtn":
+    static = any(needs_calibration(g.scheme) for g in plan.groups)
+    if not static and plan.kv_cache is None and options.method == "rtn":
         return None
     _require_dataset(options)
     from transformers import AutoTokenizer
@@ -487,14 +490,16 @@ def _write_tensors(
                         layer, to_quantize, tensors, options.observer, options.layout
                     )
                 elif to_quantize:
-                    packed = compress_layer(
-                        to_quantize,
-                        plan.scheme,
-                        plan.fused,
-                        options.observer,
-                        options.device,
-                        options.layout,
-                    )
+                    packed = {}
+                    for scheme, modules in plan.by_scheme(to_quantize):
+                        packed |= compress_layer(
+                            {m: to_quantize[m] for m in modules},
+                            scheme,
+                            plan.fused,
+                            options.observer,
+                            options.device,
+                            options.layout,
+                        )
                 if packed:
                     tensors.update(
                         (f"{module}.{k}", v)

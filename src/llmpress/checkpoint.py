@@ -13,6 +13,7 @@ from pathlib import Path
 
 import compressed_tensors
 import yaml
+from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
@@ -32,17 +33,22 @@ def quantization_config(plan: Plan, layout: str) -> dict:
     For 3, 5, 6 and 7-bit weights, `int_packing` records the layout written (readers that
     predate it ignore unknown keys), since the compressed-tensors version alone cannot say.
     """
-    scheme = plan.scheme.model_copy(deep=True)
-    scheme.format = scheme_format(scheme)
+    groups = {}
+    for group in plan.groups:
+        scheme = group.scheme.model_copy(deep=True)
+        scheme.format = scheme_format(scheme)
+        groups[group.name] = scheme
+    formats = {scheme.format for scheme in groups.values()}
     qconfig = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format=scheme.format,
+        config_groups=groups,
+        # Several formats: each group's own `format` says how its modules are stored.
+        format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
         quantization_status="compressed",
         ignore=list(plan.ignored),
         kv_cache_scheme=plan.kv_cache,
     )
     data = qconfig.model_dump(mode="json", exclude={"quant_method"})
-    if scheme.weights.type == "int" and layouts_differ(scheme.weights.num_bits):
+    if any(s.weights.type == "int" and layouts_differ(s.weights.num_bits) for s in groups.values()):
         data["int_packing"] = layout
     return {
         # compressed-tensors records its own version here; the packing layout follows from it.
@@ -56,16 +62,21 @@ def quantization_config(plan: Plan, layout: str) -> dict:
 
 def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
     """What was done, in llm-compressor's recipe format so either tool can re-run it."""
-    weights = plan.scheme.weights.model_dump(mode="json", exclude_defaults=True)
-    group = {"targets": list(options.targets), "weights": weights}
-    if plan.scheme.input_activations is not None:
-        group["input_activations"] = plan.scheme.input_activations.model_dump(
-            mode="json", exclude_defaults=True
-        )
+    config_groups = {}
+    for planned, spec in zip(plan.groups, options.scheme_groups, strict=True):
+        group = {
+            "targets": list(spec.targets),
+            "weights": planned.scheme.weights.model_dump(mode="json", exclude_defaults=True),
+        }
+        if planned.scheme.input_activations is not None:
+            group["input_activations"] = planned.scheme.input_activations.model_dump(
+                mode="json", exclude_defaults=True
+            )
+        config_groups[planned.name] = group
     modifier = {
-        "targets": list(options.targets),
+        "targets": list(dict.fromkeys(t for g in options.scheme_groups for t in g.targets)),
         "ignore": list(options.ignore),
-        "config_groups": {"group_0": group},
+        "config_groups": config_groups,
     }
     if plan.kv_cache is not None:
         modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
@@ -88,7 +99,7 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
     modifiers[kind] = modifier
     recipe = {"quant_stage": {"quant_modifiers": modifiers}}
     header = (
-        f"# written by llmpress: scheme {options.scheme}, method {options.method}, "
+        f"# written by llmpress: scheme {options.label}, method {options.method}, "
         f"observer {options.observer}\n"
     )
     return header + yaml.safe_dump(recipe, sort_keys=False)
@@ -166,7 +177,7 @@ def summarize(checkpoint: Path) -> dict:
     layers: dict[str, Counter] = defaultdict(Counter)
     dense_bytes = 0
     for module, found in params.items():
-        stored = _stored_weight(found)
+        stored = _stored_weight(found, _group_bits(module, qconfig.get("config_groups", {})))
         if stored is None:  # a 16-bit module: count what it holds
             dense_bytes += sum(_nbytes(dtype, shape) for dtype, shape in found.values())
             continue
@@ -225,13 +236,34 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     return count * SAFETENSORS_DTYPES[dtype].itemsize
 
 
-def _stored_weight(found: dict[str, tuple[str, list[int]]]) -> tuple[str, int] | None:
-    """How a module's weight is stored, and how many elements it has; None when 16-bit."""
+def _group_bits(module: str, config_groups: dict) -> int | None:
+    """The weight bits of the config group a reader gives `module`: the most specific target
+    wins (exact name, then regex, then a class name: every stored module is a Linear)."""
+    ranked = []
+    for group in config_groups.values():
+        for target in group.get("targets", []):
+            if target == module:
+                rank = 0
+            elif target.startswith("re:") and re.match(target[3:], module):
+                rank = 1
+            elif not target.startswith("re:") and "." not in target:
+                rank = 2
+            else:
+                continue
+            ranked.append((rank, target, (group.get("weights") or {}).get("num_bits")))
+    return min(ranked)[2] if ranked else None
+
+
+def _stored_weight(
+    found: dict[str, tuple[str, list[int]]], bits: int | None = None
+) -> tuple[str, int] | None:
+    """How a module's weight is stored (`bits`: its group's, for packed ints), and how many
+    elements it has; None when 16-bit."""
     if "weight_packed" in found:
         dtype, shape = found["weight_packed"]
         if dtype == "I32":  # ints packed into int32 words; the true shape is stored beside it
             out_f, in_f = found["weight_shape"][1]
-            return "int packed in int32", out_f * in_f
+            return f"int{bits or ''} packed in int32", out_f * in_f
         return "fp4 packed in uint8", shape[0] * shape[1] * 2
     if "weight" in found and found["weight"][0] in ("F8_E4M3", "I8"):
         dtype, shape = found["weight"]

@@ -11,6 +11,7 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -20,8 +21,15 @@ from compressed_tensors.quantization import (
     QuantizationScheme,
     QuantizationStrategy,
 )
-from compressed_tensors.utils import is_match
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from compressed_tensors.utils import is_match, match_targets
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from llmpress.errors import LlmpressError
 from llmpress.kvcache import attention_modules, kv_cache_args
@@ -40,12 +48,82 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 log = logging.getLogger(__name__)
 
 
+class SchemeGroup(BaseModel):
+    """One group of a run: a preset (and group size), or compressed-tensors' scheme arguments
+    spelled out (`args`: weights, input_activations, output_activations, format), over its
+    own targets; written as one config group of the checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: str | None = None
+    args: dict | None = None
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    group_size: int | None = Field(default=None, gt=0)
+
+    @field_validator("args")
+    @classmethod
+    def _canonical(cls, args: dict | None) -> dict | None:
+        """The arguments as compressed-tensors reads them, without the defaults and the
+        options a run sets (the weight observer, GPTQ's actorder): equal schemes, equal args."""
+        if args is None:
+            return None
+        try:
+            scheme = QuantizationScheme.model_validate({**args, "targets": ["Linear"]})
+        except (ValidationError, NotImplementedError) as exc:
+            raise ValueError(f"invalid scheme arguments: {exc}") from None
+        if scheme.weights is None:
+            raise ValueError("a scheme needs weights")
+        canonical = {}
+        for field in ("weights", "input_activations", "output_activations"):
+            value = getattr(scheme, field)
+            if value is not None:
+                drop = {"observer", "observer_kwargs", "actorder"} if field == "weights" else set()
+                canonical[field] = value.model_dump(
+                    mode="json", exclude_defaults=True, exclude=drop
+                )
+        if scheme.format is not None:
+            canonical["format"] = str(scheme.format)
+        return canonical
+
+    @model_validator(mode="after")
+    def _preset_or_args(self) -> SchemeGroup:
+        if (self.scheme is None) == (self.args is None):
+            raise ValueError("a group takes a preset scheme or spelled-out args, one of the two")
+        if self.args is not None and self.group_size is not None:
+            raise ValueError("spelled-out args give their own group_size")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.scheme is not None:
+            return self.scheme
+        weights = self.args.get("weights") or {}
+        return f"custom {weights.get('type', 'int')}{weights.get('num_bits', 8)}"
+
+    def build(self, observer: str) -> QuantizationScheme:
+        if self.scheme is not None:
+            scheme = build_scheme(self.scheme, list(self.targets), self.group_size)
+        else:
+            try:
+                scheme = QuantizationScheme.model_validate(
+                    {**self.args, "targets": list(self.targets)}
+                )
+            except (ValidationError, NotImplementedError) as exc:
+                raise LlmpressError(f"a custom scheme's arguments are invalid: {exc}") from None
+        scheme.weights.observer = observer
+        return scheme
+
+
 class CompressOptions(BaseModel):
     """Everything a compression run needs to know, validated when built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scheme: str
+    scheme: str | None = None
+    # Mixed precision: several presets, each over its targets (in place of scheme, targets and
+    # group_size). A module several groups target takes the most specific target's group, as
+    # compressed-tensors and vLLM decide: an exact name, then a regex, then a class name.
+    groups: tuple[SchemeGroup, ...] = ()
     targets: tuple[str, ...] = DEFAULT_TARGETS
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     observer: Literal["minmax", "mse"] = "minmax"
@@ -88,6 +166,29 @@ class CompressOptions(BaseModel):
     # pass itself: one pass per layer, about half the time, statistics of the original model).
     propagate: Literal["compressed", "original"] = "compressed"
 
+    @model_validator(mode="after")
+    def _one_scheme_source(self) -> CompressOptions:
+        if (self.scheme is None) == (not self.groups):
+            raise ValueError("give a scheme, or groups of schemes for mixed precision")
+        return self
+
+    @property
+    def scheme_groups(self) -> tuple[SchemeGroup, ...]:
+        """The run's groups: `groups`, or the one group that scheme, targets and group_size
+        make."""
+        if self.groups:
+            return self.groups
+        return (SchemeGroup(scheme=self.scheme, targets=self.targets, group_size=self.group_size),)
+
+    @property
+    def label(self) -> str:
+        """The scheme, or the mixed-precision groups, in words."""
+        if not self.groups:
+            return self.scheme
+        if len(self.groups) == 1:
+            return self.groups[0].label
+        return " + ".join(f"{g.label} ({', '.join(g.targets)})" for g in self.groups)
+
     @property
     def solver(self) -> str:
         """How the weights are rounded once smoothed: "gptq" or "rtn"."""
@@ -111,14 +212,49 @@ class CompressOptions(BaseModel):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The resolved plan: one scheme for every quantized module, and the modules left alone."""
+class PlannedGroup:
+    """One config group: its scheme and the modules it quantizes."""
 
+    name: str
     scheme: QuantizationScheme
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved plan: the scheme of every quantized module, by config group, and the
+    modules left alone."""
+
+    groups: tuple[PlannedGroup, ...]
     modules: tuple[str, ...]
     ignored: tuple[str, ...]
     fused: dict[str, tuple[str, ...]]
     kv_cache: QuantizationArgs | None = None  # quantization_config.kv_cache_scheme
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.groups) > 1
+
+    @property
+    def scheme(self) -> QuantizationScheme:
+        """The one scheme of a uniform plan."""
+        if self.mixed:
+            raise LlmpressError("this step takes one scheme; the plan is mixed precision")
+        return self.groups[0].scheme
+
+    def scheme_of(self, module: str) -> QuantizationScheme:
+        return self._by_module[module].scheme
+
+    def by_scheme(self, modules) -> list[tuple[QuantizationScheme, list[str]]]:
+        """`modules` split by their group's scheme, in group order."""
+        split: dict[str, list[str]] = {}
+        for name in modules:
+            split.setdefault(self._by_module[name].name, []).append(name)
+        return [(g.scheme, split[g.name]) for g in self.groups if g.name in split]
+
+    @cached_property
+    def _by_module(self) -> dict[str, PlannedGroup]:
+        return {m: g for g in self.groups for m in g.modules}
 
     @property
     def weight_names(self) -> dict[str, str]:
@@ -127,8 +263,8 @@ class Plan:
     def estimated_output_bytes(self, source: ModelSource) -> int:
         """Input bytes with each quantized weight shrunk to its bits (scales: ~2 % more)."""
         shrink = 0
-        bits = self.scheme.weights.num_bits
         for name in self.modules:
+            bits = self.scheme_of(name).weights.num_bits
             numel = source.modules[name].weight.numel()
             shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
         return source.total_bytes - shrink
@@ -136,19 +272,17 @@ class Plan:
 
 def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     """Resolve targets and ignore against the model; fail now on anything that cannot work."""
-    scheme = build_scheme(options.scheme, list(options.targets), options.group_size)
-    scheme.weights.observer = options.observer
     linears = {n: m for n, m in source.modules.items() if isinstance(m, torch.nn.Linear)}
-
-    unmatched = [
-        t for t in options.targets if not any(_matches(n, m, t) for n, m in linears.items())
-    ]
+    specs = options.scheme_groups
+    schemes = [spec.build(options.observer) for spec in specs]
+    targets = tuple(dict.fromkeys(t for spec in specs for t in spec.targets))
+    unmatched = [t for t in targets if not any(_matches(n, m, t) for n, m in linears.items())]
     if unmatched:
         raise LlmpressError(
             f"target {unmatched[0]!r} matches no Linear layer of {source.path.name}; "
             f"example layer names: {', '.join(_examples(linears))}"
         )
-    selected = [n for n, m in linears.items() if is_match(n, m, options.targets)]
+    selected = [n for n, m in linears.items() if is_match(n, m, targets)]
     chosen = tuple(n for n in selected if not _matches_any(n, linears[n], options.ignore))
     # Readers apply config_groups to every module a target matches; a regex such as
     # `re:.*mlp.*` also matches the MLP container and its activation, which compressed-tensors
@@ -158,7 +292,7 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
         for n, m in source.modules.items()
         if n
         and n not in linears
-        and is_match(n, m, options.targets)
+        and is_match(n, m, targets)
         and not _matches_any(n, m, options.ignore)
     )
     ignored = tuple(n for n in selected if n not in chosen) + others
@@ -170,10 +304,31 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
             f"{len(missing)} targeted layers have no weight in the checkpoint (first: "
             f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
         )
-    _check_divisible(scheme, chosen, linears)
-    if options.solver == "gptq":
-        _gptq_actorder(scheme, options.actorder)
-    _check_smoothing(scheme, options)
+    members = _assign(chosen, linears, specs)
+    groups = tuple(
+        PlannedGroup(f"group_{i}", scheme, members[i])
+        for i, scheme in enumerate(schemes)
+        if members[i]
+    )
+    if len(groups) < len(specs):
+        empty = next(spec for i, spec in enumerate(specs) if not members[i])
+        raise LlmpressError(
+            f"the group {empty.label} ({', '.join(empty.targets)}) quantizes nothing: more "
+            "specific targets of other groups take all its modules"
+        )
+    fused = _fused_groups(chosen)
+    _check_fused_alike(groups, fused)
+    static = any(_static_inputs(g.scheme) for g in groups)
+    if len(groups) > 1 and (options.method != "rtn" or static or options.kv_cache):
+        raise LlmpressError(
+            "mixed precision rounds to nearest in this release: calibration (--method "
+            f"{options.method}, static activation scales, --kv-cache) takes one scheme"
+        )
+    for group in groups:
+        _check_divisible(group.scheme, group.modules, linears)
+        if options.solver == "gptq":
+            _gptq_actorder(group.scheme, options.actorder)
+        _check_smoothing(group.scheme, options)
     kv_cache = None
     if options.kv_cache is not None:
         kv_cache = kv_cache_args(options.kv_cache)
@@ -182,7 +337,46 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
                 f"--kv-cache: {source.path.name} has no attention modules with k/v projections "
                 "in its decoder layers to give k/v scales; drop --kv-cache"
             )
-    return Plan(scheme, chosen, ignored, _fused_groups(chosen), kv_cache)
+    return Plan(groups, chosen, ignored, fused, kv_cache)
+
+
+def _static_inputs(scheme: QuantizationScheme) -> bool:
+    """Input scales computed from calibration data (llmpress.calibrate.needs_calibration)."""
+    acts = scheme.input_activations
+    return acts is not None and (
+        acts.dynamic is False or acts.strategy == QuantizationStrategy.TENSOR_GROUP
+    )
+
+
+def _assign(chosen, linears, specs) -> list[tuple[str, ...]]:
+    """Each module's group, by the most specific target that matches it (compressed-tensors'
+    order: exact name, regex, class name). Two groups' regexes on one module are ambiguous
+    (the readers break such ties differently) and refused."""
+    owner = {t: i for i in reversed(range(len(specs))) for t in specs[i].targets}
+    members: list[list[str]] = [[] for _ in specs]
+    for name in chosen:
+        matched = match_targets(name, linears[name], list(owner))
+        regexes = {owner[t] for t in matched if t.startswith("re:")}
+        exact = [t for t in matched if not t.startswith("re:") and t == name]
+        if not exact and len(regexes) > 1:
+            raise LlmpressError(
+                f"{name} matches regexes of two groups ({', '.join(t for t in matched if t.startswith('re:'))}); "
+                "readers resolve such ties differently: make the targets exclusive"
+            )
+        members[owner[matched[0]]].append(name)
+    return [tuple(m) for m in members]
+
+
+def _check_fused_alike(groups: tuple[PlannedGroup, ...], fused: dict) -> None:
+    """vLLM runs q/k/v and gate/up as one GEMM: fused modules need one scheme."""
+    of = {m: g for g in groups for m in g.modules}
+    for siblings in fused.values():
+        schemes = {of[s].name for s in siblings}
+        if len(schemes) > 1:
+            raise LlmpressError(
+                f"{' and '.join(siblings)} are fused into one GEMM by vLLM and need one "
+                "scheme; these groups give them different ones: target them together"
+            )
 
 
 def _matches(name: str, module: torch.nn.Module, target: str) -> bool:
@@ -226,7 +420,7 @@ def _check_smoothing(scheme: QuantizationScheme, options: CompressOptions) -> No
     if options.smoother == "awq" and not weight_only:
         raise LlmpressError(
             f"--method awq is for weight-only schemes (W4A16, W4A16_ASYM, NVFP4A16...); "
-            f"{options.scheme} quantizes activations: use --method smoothquant+gptq"
+            f"{options.label} quantizes activations: use --method smoothquant+gptq"
         )
     if options.awq_clip and (
         options.smoother != "awq"
@@ -235,12 +429,12 @@ def _check_smoothing(scheme: QuantizationScheme, options: CompressOptions) -> No
     ):
         raise LlmpressError(
             "--awq-clip searches int weight groups' ranges after AWQ: use it with --method awq "
-            f"and an int scheme in groups or channels (W4A16, W8A16...), not {options.scheme} "
+            f"and an int scheme in groups or channels (W4A16, W8A16...), not {options.label} "
             f"by {options.method}"
         )
     if options.smoother == "smoothquant" and weight_only:
         raise LlmpressError(
-            f"--method {options.method} eases activation quantization; {options.scheme} "
+            f"--method {options.method} eases activation quantization; {options.label} "
             "keeps activations unquantized: use --method awq or gptq"
         )
 

@@ -7,9 +7,8 @@ anything else is refused with the path of the bad key, so that a typo never runs
 with a default. `checkpoint.recipe_yaml` writes what `read_recipe` reads back to the same
 options.
 
-This release runs one quantization group per recipe (one scheme over its targets, by one
-method): mixed precision (several config groups or schemes) and sparsity modifiers are
-refused with a message saying so.
+Several config groups (or `scheme: {PRESET: [targets], ...}`) make a mixed-precision run, one
+preset per group. Sparsity modifiers are refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -122,6 +121,8 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
                 fields[option] = _as_tuple(value) if option in ("targets", "ignore") else value
     name, where, args = quantizers[0]
     fields.update(_scheme_fields(where, args))
+    if "groups" in fields:  # each group has its targets; the modifier's are their union
+        fields.pop("targets", None)
     if name == "GPTQModifier":
         fields["actorder"] = _actorder(args)
     if args.get("kv_cache_scheme") is not None:
@@ -229,19 +230,32 @@ def _scheme_fields(where: str, args: dict) -> dict[str, Any]:
         _preset(f"{where}.scheme", scheme)
         return {"scheme": scheme.upper()}
     if isinstance(scheme, dict):
-        if len(scheme) != 1:
-            raise _mixed(f"{where}.scheme", list(scheme))
-        (name, targets), = scheme.items()  # fmt: skip
-        _preset(f"{where}.scheme", str(name))
-        return {"scheme": str(name).upper(), "targets": _as_tuple(targets)}
+        found = []
+        for name, targets in scheme.items():
+            _preset(f"{where}.scheme.{name}", str(name))
+            found.append({"scheme": str(name).upper(), "targets": _as_tuple(targets)})
+        return _one_or_groups(found)
     if scheme is not None:
         raise LlmpressError(f"{where}.scheme: a preset name or {{PRESET: [targets]}}")
     if not isinstance(groups, dict) or not groups:
         raise LlmpressError(f"{where}.config_groups: a mapping of group names to groups")
-    if len(groups) != 1:
-        raise _mixed(f"{where}.config_groups", list(groups))
-    (group_name, group), = groups.items()  # fmt: skip
-    return _spelled_out(f"{where}.config_groups.{group_name}", group)
+    found = [_spelled_out(f"{where}.config_groups.{name}", group) for name, group in groups.items()]
+    return _one_or_groups(found)
+
+
+def _one_or_groups(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One group's fields as the run's scheme; several as mixed-precision groups, whose
+    observer (an option of the run) must agree."""
+    if len(found) == 1 and "args" not in found[0]:
+        return found[0]
+    observers = {g.pop("observer") for g in found if "observer" in g}
+    if len(observers) > 1:
+        raise LlmpressError(f"the groups' weight observers differ ({', '.join(observers)}); "
+                            "llmpress runs one observer: give them one")  # fmt: skip
+    fields: dict[str, Any] = {"groups": tuple(found)}
+    if observers:
+        fields["observer"] = observers.pop()
+    return fields
 
 
 def _spelled_out(where: str, group: dict) -> dict[str, Any]:
@@ -271,10 +285,13 @@ def _spelled_out(where: str, group: dict) -> dict[str, Any]:
                 if observer in ("minmax", "mse"):
                     fields["observer"] = observer
                 return fields
-    raise LlmpressError(
-        f"{where}: these arguments match no llmpress scheme (`llmpress schemes` lists them); "
-        "custom schemes are not supported yet"
-    )
+    custom: dict[str, Any] = {
+        "args": {k: v for k, v in group.items() if k != "targets"},
+        "targets": targets,
+    }
+    if observer in ("minmax", "mse"):
+        custom["observer"] = observer
+    return custom
 
 
 def preset_group_size(name: str) -> int | None:
@@ -302,7 +319,7 @@ def _awq_scheme_agrees(awq: dict, fields: dict[str, Any]) -> dict[str, Any]:
     if awq.get("scheme") is None and awq.get("config_groups") is None:
         return {}
     own = _scheme_fields("AWQModifier", awq)
-    if own.get("scheme") != fields.get("scheme"):
+    if (own.get("scheme"), own.get("groups")) != (fields.get("scheme"), fields.get("groups")):
         raise LlmpressError(
             f"AWQModifier's scheme {own.get('scheme')} differs from the quantization "
             f"modifier's {fields.get('scheme')}: AWQ searches for the scheme it is rounded to"
@@ -315,13 +332,6 @@ def _preset(where: str, name: str) -> None:
         raise LlmpressError(
             f"{where}: unknown scheme {name!r}; choose one of {', '.join(scheme_names())}"
         )
-
-
-def _mixed(where: str, names: list) -> LlmpressError:
-    return LlmpressError(
-        f"{where}: {len(names)} groups ({', '.join(map(str, names))}); mixed precision "
-        "(several schemes in one run) is not supported yet: one group per recipe"
-    )
 
 
 def _as_tuple(value) -> tuple[str, ...]:

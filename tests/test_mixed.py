@@ -1,0 +1,179 @@
+"""Mixed precision: several config groups in one run, each module stored as its group asked
+(checked tensor by tensor), read back by transformers and compressed-tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme
+from helpers import ct_decompressed_weights, load_transformers, relative_error, stored_modules
+from safetensors.torch import load_file
+
+from llmpress import compress
+from llmpress.api import compress_options
+from llmpress.errors import LlmpressError
+from llmpress.evaluate import evaluate_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+INT8_DOWN = EXAMPLES / "int8-down-proj-int4-elsewhere.yaml"
+CALIBRATION = dict(dataset="pydoc-calibration", num_samples=4, seq_len=64, seed=0)
+
+
+def _group_of(module: str, qconfig: dict) -> str:
+    """The config group a reader gives `module`: its most specific target (as compressed-tensors
+    and vLLM decide): regex before class name."""
+    regex = [g for g, c in qconfig["config_groups"].items()
+             if any(t.startswith("re:") and _re(t, module) for t in c["targets"])]  # fmt: skip
+    return (
+        regex[0]
+        if regex
+        else next(g for g, c in qconfig["config_groups"].items() if "Linear" in c["targets"])
+    )
+
+
+def _re(target: str, module: str) -> bool:
+    import re
+
+    return re.match(target.removeprefix("re:"), module) is not None
+
+
+@pytest.fixture(scope="module")
+def int8_down(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    mixed = compress(smollm2, root / "mixed", recipe=INT8_DOWN, progress=False).output
+    uniform = compress(smollm2, root / "w4", "W4A16", group_size=64, progress=False).output
+    return mixed, uniform
+
+
+def test_int8_down_proj_and_int4_elsewhere_store_each_groups_bits(int8_down, smollm2):
+    mixed, uniform = int8_down
+    qconfig = json.loads((mixed / "config.json").read_text())["quantization_config"]
+    groups = qconfig["config_groups"]
+    assert qconfig["format"] == "pack-quantized"  # both groups pack ints
+    assert {g["weights"]["num_bits"] for g in groups.values()} == {8, 4}
+    states = stored_modules(mixed)
+    quantized = {m: s for m, s in states.items() if "weight_scale" in s}
+    assert len(quantized) == 30 * 7
+    for module, state in quantized.items():
+        group = groups[_group_of(module, qconfig)]
+        bits = group["weights"]["num_bits"]
+        rows, cols = state["weight_shape"].tolist()
+        assert module.endswith("down_proj") == (bits == 8), module
+        # pack-quantized: 32 // bits values per int32, one scale per row (int8, per channel)
+        # or per group of 64 (int4)
+        assert state["weight_packed"].shape == (rows, cols * bits // 32), module
+        assert state["weight_scale"].shape == ((rows, 1) if bits == 8 else (rows, cols // 64))
+    # compressed-tensors' decompressor, each module by its group's scheme and format: int4
+    # modules equal the uniform W4A16 run's, down_proj is much closer to the base in int8.
+    base = load_file(smollm2 / "model.safetensors")
+    uniform_weights = ct_decompressed_weights(uniform)
+    for module, state in quantized.items():
+        group = groups[_group_of(module, qconfig)]
+        compressor = BaseCompressor.get_value_from_registry(group["format"])
+        weight = compressor.decompress(state, QuantizationScheme.model_validate(group))["weight"]
+        if module.endswith("down_proj"):
+            original = base[f"{module}.weight"].float()
+            err8 = (weight.float() - original).norm()
+            err4 = (uniform_weights[module].float() - original).norm()
+            assert err8 < 0.1 * err4, module
+        else:
+            assert weight.equal(uniform_weights[module]), module
+
+
+def test_int8_down_proj_is_no_worse_than_all_int4(int8_down, smollm2):
+    mixed, uniform = int8_down
+    kwargs = dict(base=smollm2, seq_len=256, windows=4, device="cpu", progress=False)
+    ppl_mixed = evaluate_checkpoint(mixed, **kwargs).quality.perplexity
+    ppl_uniform = evaluate_checkpoint(uniform, **kwargs).quality.perplexity
+    base = evaluate_checkpoint(smollm2, **kwargs).quality.perplexity
+    assert base < ppl_mixed <= ppl_uniform, (base, ppl_mixed, ppl_uniform)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_runs_and_stores_what_its_groups_ask(example, tokenized_llama, tmp_path):
+    """Each module stored as its group says (tensor by tensor), the checkpoint loads in
+    transformers and computes close to the base."""
+    recipe = EXAMPLES / example
+    calibrated = "Modifier:" in recipe.read_text().replace("QuantizationModifier:", "")
+    out = compress(tokenized_llama, tmp_path / "out", recipe=recipe, progress=False,
+                   **(CALIBRATION if calibrated else {})).output  # fmt: skip
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = qconfig["config_groups"]
+    formats = {g["format"] for g in groups.values()}
+    assert qconfig["format"] == (formats.pop() if len(formats) == 1 else "mixed-precision")
+    states = {m: s for m, s in stored_modules(out).items() if "weight_scale" in s}
+    assert len(states) == 16 * 7
+    for module, state in states.items():
+        group = groups[_group_of(module, qconfig)]
+        scheme = QuantizationScheme.model_validate(group)
+        weights = scheme.weights
+        if group["format"] == "pack-quantized":  # ints, 32 // bits to an int32
+            rows, cols = state["weight_shape"].tolist()
+            assert state["weight_packed"].shape == (rows, cols * weights.num_bits // 32), module
+            per_row = weights.strategy == "channel"
+            assert state["weight_scale"].shape[1] == (1 if per_row else cols // weights.group_size)
+        elif weights.num_bits == 4:  # NVFP4: fp4 two to a byte, fp8 group scales
+            assert state["weight_packed"].dtype == torch.uint8, module
+            assert "weight_global_scale" in state
+        else:  # fp8: one scale per channel or per tensor, as the group says
+            assert state["weight"].dtype == torch.float8_e4m3fn, module
+            per_tensor = weights.strategy == "tensor"
+            assert state["weight_scale"].numel() == (1 if per_tensor else state["weight"].shape[0])
+        # and a reader decompresses it with that group's scheme
+        compressor = BaseCompressor.get_value_from_registry(group["format"])
+        assert compressor.decompress(state, scheme)["weight"].shape == state_shape(state)
+    ids = torch.tensor([list(range(100, 164))])
+    with torch.no_grad():
+        got = load_transformers(out, decompress=False).float()(ids).logits
+        want = load_transformers(tokenized_llama).float()(ids).logits
+    assert relative_error(got, want) < 0.3
+
+
+def state_shape(state: dict) -> tuple[int, ...]:
+    if "weight_shape" in state:
+        return tuple(state["weight_shape"].tolist())
+    return tuple(state["weight"].shape)
+
+
+def test_the_manifest_and_inspect_name_each_group(int8_down):
+    from llmpress.checkpoint import summarize
+
+    mixed, _ = int8_down
+    options = json.loads((mixed / "llmpress.json").read_text())["options"]
+    assert [g["targets"] for g in options["groups"]] == [["re:.*down_proj"], ["Linear"]]
+    summary = summarize(mixed)
+    assert [g["targets"] for g in summary["groups"].values()] == [["re:.*down_proj"], ["Linear"]]
+    kinds = summary["layers_by_kind"]
+    assert kinds["model.layers.*.mlp.down_proj"] == {"int8 packed in int32": 30}
+    assert kinds["model.layers.*.self_attn.q_proj"] == {"int4 packed in int32": 30}
+
+
+BAD = [
+    ({"groups": [{"scheme": "W4A16", "targets": ["re:.*self_attn.q_proj"], "group_size": 32},
+                 {"scheme": "W8A16", "targets": ["Linear"], "group_size": 32}]},
+     "are fused into one GEMM by vLLM and need one scheme"),
+    ({"groups": [{"scheme": "W4A16", "targets": ["re:.*proj"], "group_size": 32},
+                 {"scheme": "W8A16", "targets": ["re:.*mlp.*"], "group_size": 32}]},
+     "matches regexes of two groups"),
+    ({"groups": [{"scheme": "W4A16", "targets": ["Linear"], "group_size": 32},
+                 {"scheme": "W8A16", "targets": ["re:.*"], "group_size": 32}]},
+     "quantizes nothing"),
+    ({"groups": [{"scheme": "W4A16", "targets": ["re:.*mlp.*"], "group_size": 32},
+                 {"scheme": "W8A16", "targets": ["re:.*self_attn.*"], "group_size": 32}],
+      "method": "gptq", "dataset": "pydoc-calibration"},
+     "mixed precision rounds to nearest in this release"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD)
+def test_bad_mixed_plans_are_refused_before_any_work(fields, message, tiny_llama, tmp_path):
+    from llmpress.api import run
+
+    options = compress_options(None, **fields)
+    with pytest.raises(LlmpressError, match=message):
+        run(tiny_llama, tmp_path / "out", options, force=False, progress=False)
+    assert not (tmp_path / "out").exists()

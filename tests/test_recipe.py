@@ -141,8 +141,8 @@ BAD = [
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: [Linear]",
      "give the scheme as `scheme`"),
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n"
-     "      scheme: {W4A16: [re:.*self_attn.*], W8A16: [re:.*mlp.*]}",
-     "mixed precision (several schemes in one run) is not supported yet"),
+     "      scheme: {W4A16: [re:.*self_attn.*], W5A5: [re:.*mlp.*]}",
+     "QuantizationModifier.scheme.W5A5: unknown scheme 'W5A5'"),
     ("quant_stage:\n  quant_modifiers:\n    AWQModifier: {n_grid: 10}",
      "needs exactly one QuantizationModifier or GPTQModifier"),
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      config_groups:\n"
@@ -153,8 +153,9 @@ BAD = [
      "        group_0: {targets: [Linear], weights: {num_bits: 6, type: float, strategy: tensor}}",
      "config_groups.group_0: Only num_bits in (8) are supported"),
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      config_groups:\n"
-     "        group_0: {targets: [Linear], weights: {num_bits: 4, type: int, strategy: tensor}}",
-     "config_groups.group_0: these arguments match no llmpress scheme"),
+     "        a: {targets: [re:.*mlp.*], weights: {num_bits: 4, type: int, observer: mse}}\n"
+     "        b: {targets: [re:.*attn.*], weights: {num_bits: 8, type: int, observer: minmax}}",
+     "the groups' weight observers differ"),
     ("quant_stage: [GPTQModifier]", "a recipe's top level holds stages"),
     ("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: W4A16\n  :", "not valid YAML"),
 ]  # fmt: skip

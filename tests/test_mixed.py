@@ -171,10 +171,10 @@ BAD = [
     ({"groups": [{"scheme": "W4A16", "targets": ["Linear"], "group_size": 32},
                  {"scheme": "W8A16", "targets": ["re:.*"], "group_size": 32}]},
      "quantizes nothing"),
-    ({"groups": [{"scheme": "W4A16", "targets": ["re:.*mlp.*"], "group_size": 32},
-                 {"scheme": "W8A16", "targets": ["re:.*self_attn.*"], "group_size": 32}],
-      "method": "gptq", "dataset": "pydoc-calibration"},
-     "mixed precision rounds to nearest in this release"),
+    ({"groups": [{"scheme": "W8A8", "targets": ["re:.*mlp.*"]},
+                 {"scheme": "W4A16", "targets": ["re:.*self_attn.*"], "group_size": 32}],
+      "method": "awq", "dataset": "pydoc-calibration"},
+     "--method awq is for weight-only schemes"),
 ]  # fmt: skip
 
 
@@ -186,3 +186,53 @@ def test_bad_mixed_plans_are_refused_before_any_work(fields, message, tiny_llama
     with pytest.raises(LlmpressError, match=message):
         run(tiny_llama, tmp_path / "out", options, force=False, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+GPTQ_MIXED = [
+    {"args": {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}},
+     "targets": ["re:.*down_proj"]},
+    {"scheme": "W4A16", "targets": ["Linear"], "group_size": 32},
+]  # fmt: skip
+
+
+def test_a_mixed_gptq_run_solves_each_module_as_its_groups_uniform_run(tokenized_llama, tmp_path):
+    """One pass per layer: every module's Hessian is the original model's, so each module of a
+    mixed GPTQ run equals the same module of a uniform GPTQ run of its group's scheme."""
+    common = dict(method="gptq", propagate="original", progress=False, **CALIBRATION)
+    mixed = compress(tokenized_llama, tmp_path / "mixed", recipe={"quant_stage": {
+        "quant_modifiers": {"GPTQModifier": {"ignore": ["lm_head"], "config_groups": {
+            "down": {"targets": ["re:.*down_proj"], **GPTQ_MIXED[0]["args"]},
+            "rest": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int",
+                     "symmetric": True, "strategy": "group", "group_size": 32}}}}}}},
+        propagate="original", progress=False, **CALIBRATION).output  # fmt: skip
+    int8 = compress(tokenized_llama, tmp_path / "int8", groups=[GPTQ_MIXED[0]], **common).output
+    int4 = compress(tokenized_llama, tmp_path / "int4", "W4A16", group_size=32, **common).output
+    got, want8, want4 = stored_modules(mixed), stored_modules(int8), stored_modules(int4)
+    quantized = [m for m, s in got.items() if "weight_scale" in s]
+    assert len(quantized) == 16 * 7
+    for module in quantized:
+        want = want8 if module.endswith("down_proj") else want4
+        assert got[module].keys() == want[module].keys(), module
+        for key, tensor in want[module].items():
+            assert got[module][key].equal(tensor), (module, key)
+    report = json.loads((mixed / "llmpress.json").read_text())["gptq"]
+    assert len(report) == 16 * 7 and all(r["loss"] < r["loss_rtn"] for r in report.values())
+
+
+def test_mixed_static_and_dynamic_activations(tokenized_llama, tmp_path):
+    """FP8 static input scales on attention, dynamic int8 on the MLP: input scales exactly
+    on the static group's modules, and the checkpoint runs in transformers."""
+    out = compress(tokenized_llama, tmp_path / "out", recipe={"quant_stage": {"quant_modifiers": {
+        "QuantizationModifier": {"ignore": ["lm_head"], "scheme": {
+            "FP8": ["re:.*self_attn.*"], "W8A8": ["re:.*mlp.*"]}}}}},
+        progress=False, **CALIBRATION).output  # fmt: skip
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["format"] == "mixed-precision"
+    for module, state in stored_modules(out).items():
+        if "weight_scale" in state:
+            assert ("input_scale" in state) == (".self_attn." in module), module
+    ids = torch.tensor([list(range(100, 164))])
+    with torch.no_grad():
+        got = load_transformers(out, False, torch.float32)(ids).logits
+        want = load_transformers(tokenized_llama, False, torch.float32)(ids).logits
+    assert relative_error(got, want) < 0.15

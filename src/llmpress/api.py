@@ -47,6 +47,7 @@ def compress(
     scheme: str | None = None,
     *,
     recipe: str | os.PathLike | dict | None = None,
+    groups: list[dict] | None = None,
     targets: list[str] | tuple[str, ...] | None = None,
     ignore: list[str] | tuple[str, ...] | None = None,
     observer: str = "minmax",
@@ -75,8 +76,9 @@ def compress(
     awq_clip: bool | None = None,
     awq_grid: int | None = None,
 ) -> CompressResult:
-    """Compress MODEL into a compressed-tensors checkpoint at OUTPUT, by a preset `scheme` or
-    an llm-compressor `recipe` (a YAML file or text, or its parsed mapping).
+    """Compress MODEL into a compressed-tensors checkpoint at OUTPUT, by a preset `scheme`,
+    an llm-compressor `recipe` (a YAML file or text, or its parsed mapping), or mixed-precision
+    `groups` (dicts of `scheme` or `args`, `targets`, `group_size`: llmpress.plan.SchemeGroup).
 
     Weights are quantized by round-to-nearest with a min-max or MSE observer, or with
     `method="gptq"` solved by GPTQ on calibration text (`block_size`, `dampening_frac`,
@@ -94,6 +96,7 @@ def compress(
     options = compress_options(
         scheme,
         recipe,
+        groups=groups,
         targets=targets,
         ignore=ignore,
         observer=observer,
@@ -132,7 +135,7 @@ def compress(
 def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptions:
     """Options from keyword arguments (None: the default) and/or a recipe (llmpress.recipe),
     with one-line validation errors."""
-    for key in ("targets", "ignore"):
+    for key in ("targets", "ignore", "groups"):
         if fields.get(key) is not None:
             fields[key] = tuple(fields[key])
     if recipe is not None:
@@ -392,7 +395,7 @@ def _require_dataset(options: CompressOptions) -> None:
         elif options.solver == "gptq":
             what = "GPTQ solves the weights on the layers' inputs"
         elif options.kv_cache and not any(
-            g.scheme.upper() in CALIBRATED for g in options.scheme_groups
+            (g.scheme or "").upper() in CALIBRATED for g in options.scheme_groups
         ):
             what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
         else:

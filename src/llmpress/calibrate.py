@@ -296,7 +296,8 @@ class StaticCalibration:
         layer sees, the "compressed" layer's outputs or the "original" one's; `smoothing`:
         AWQ or SmoothQuant scales applied before the weights are quantized; `compute`: the
         compute dtype's choice (`compute_dtype`)."""
-        self.static = needs_calibration(plan.scheme)  # else only the KV cache needs the data
+        # Static input scales for some group; else only the KV cache needs the data.
+        self.static = any(needs_calibration(g.scheme) for g in plan.groups)
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
         if self.static and outside:
             raise LlmpressError(
@@ -304,7 +305,6 @@ class StaticCalibration:
                 "outside them: --ignore it"
             )
         self.plan, self.device = plan, device
-        self.input_args = plan.scheme.input_activations
         self.kv = KVCacheCalibration(plan.kv_cache) if plan.kv_cache is not None else None
         self.checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(device, self.checkpoint_dtype, compute)
@@ -364,14 +364,18 @@ class StaticCalibration:
                 self.runner.forward_layer(index, update=self.one_pass)
         if self.smoothing is not None:
             self._smooth(index, layer, weights, others, watch, observer)
-        if self.gptq is not None:
-            states = self._gptq_states(weights, watch.hessians, observer)
-        else:
-            states = layer_states(weights, self.plan.scheme, self.plan.fused, observer, self.device)
-        packed = pack_states(states, self.plan.scheme, layout)
-        if self.static:
-            for name, state in packed.items():
-                state.update(self._input_params(name, watch, weights[name].dtype))
+        states, packed = {}, {}
+        for scheme, members in self.plan.by_scheme(weights):  # one group at a time
+            part = {m: weights[m] for m in members}
+            if self.gptq is not None:
+                solved = self._gptq_states(part, scheme, watch.hessians, observer)
+            else:
+                solved = layer_states(part, scheme, self.plan.fused, observer, self.device)
+            states |= solved
+            packed |= pack_states(solved, scheme, layout)
+            if needs_calibration(scheme):
+                for name in members:
+                    packed[name].update(self._input_params(name, watch, weights[name].dtype))
         if self.one_pass:
             if attentions is not None:
                 packed.update(self.kv.scales(attentions, self.checkpoint_dtype))
@@ -384,12 +388,13 @@ class StaticCalibration:
     def _gptq_states(
         self,
         weights: dict[str, torch.Tensor],
+        scheme: QuantizationScheme,
         hessians: dict[str, Hessian],
         observer: str,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """GPTQ-solved states of one layer's modules. Modules sharing a Hessian are solved
-        together, stacked by rows, where their parameters are per row or per group."""
-        scheme, device = self.plan.scheme, self.device
+        """GPTQ-solved states of one layer's modules of one scheme. Modules sharing a Hessian
+        are solved together, stacked by rows, where their parameters are per row or group."""
+        device = self.device
         args = scheme.weights
         on_device = {n: w.to(device) for n, w in weights.items()}
         gscales = global_scales(on_device, scheme, self.plan.fused)
@@ -497,7 +502,7 @@ class StaticCalibration:
                     balance,
                     hessian,
                     stats.abs_mean(),
-                    self.plan.scheme.weights,
+                    self.plan.scheme_of(members[0]).weights,
                     observer,
                     self.checkpoint_dtype,
                     options.duo_scaling,
@@ -539,7 +544,7 @@ class StaticCalibration:
             result = clip_search(
                 weight.to(self.device, torch.float32),
                 hessian,
-                self.plan.scheme.weights,
+                self.plan.scheme_of(name).weights,
                 observer,
                 self.checkpoint_dtype,
             )
@@ -556,7 +561,7 @@ class StaticCalibration:
         """The stored tensors of module `name`'s input quantization."""
         fused = tuple(m for m in self.plan.fused.get(name, (name,)) if m in ranges.lo)
         lo, hi = ranges.shared(fused)
-        args = self.input_args
+        args = self.plan.scheme_of(name).input_activations
         if args.strategy == QuantizationStrategy.TENSOR_GROUP:
             return {"input_global_scale": generate_gparam(lo, hi).reshape(1)}
         scale, zero_point = calculate_qparams(lo, hi, args)
@@ -569,13 +574,17 @@ class StaticCalibration:
         """Run the layer as it will be served (dequantized weights, quantized inputs, and with
         --kv-cache its keys and values in fp8), so the next layer sees its real inputs."""
         modules = self.runner.modules
-        quantizer = _InputQuantizer(self.input_args) if self.input_args is not None else None
+        quantizers: dict[int, _InputQuantizer] = {}  # one per scheme's input arguments
         hooks = []
         for name, state in readable.items():
             module = modules[name]
-            weight = dequantized_weight(state, self.plan.scheme, module.weight.dtype)
+            scheme = self.plan.scheme_of(name)
+            weight = dequantized_weight(state, scheme, module.weight.dtype)
             module.weight.data = weight.to(module.weight.device)
-            if quantizer is not None:
+            if scheme.input_activations is not None:
+                quantizer = quantizers.setdefault(
+                    id(scheme), _InputQuantizer(scheme.input_activations)
+                )
                 params = {k: v for k, v in packed[name].items() if k.startswith("input_")}
                 hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
         with _hooked(hooks):
@@ -595,10 +604,15 @@ class StaticCalibration:
     def _decompressible(self, packed, states, layout):
         """`packed`, or for odd bit widths packed for another compressed-tensors (--packing),
         the same weights packed as the installed one reads them."""
-        args = self.plan.scheme.weights
-        if args.type != "int" or not layouts_differ(args.num_bits) or layout == installed_layout():
+        if layout == installed_layout():
             return packed
-        return pack_states(states, self.plan.scheme, installed_layout())
+        readable = dict(packed)
+        for scheme, members in self.plan.by_scheme(packed):
+            args = scheme.weights
+            if args.type == "int" and layouts_differ(args.num_bits):
+                part = {m: states[m] for m in members}
+                readable |= pack_states(part, scheme, installed_layout())
+        return readable
 
 
 def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

@@ -318,12 +318,7 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
         )
     fused = _fused_groups(chosen)
     _check_fused_alike(groups, fused)
-    static = any(_static_inputs(g.scheme) for g in groups)
-    if len(groups) > 1 and (options.method != "rtn" or static or options.kv_cache):
-        raise LlmpressError(
-            "mixed precision rounds to nearest in this release: calibration (--method "
-            f"{options.method}, static activation scales, --kv-cache) takes one scheme"
-        )
+
     for group in groups:
         _check_divisible(group.scheme, group.modules, linears)
         if options.solver == "gptq":
@@ -338,14 +333,6 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
                 "in its decoder layers to give k/v scales; drop --kv-cache"
             )
     return Plan(groups, chosen, ignored, fused, kv_cache)
-
-
-def _static_inputs(scheme: QuantizationScheme) -> bool:
-    """Input scales computed from calibration data (llmpress.calibrate.needs_calibration)."""
-    acts = scheme.input_activations
-    return acts is not None and (
-        acts.dynamic is False or acts.strategy == QuantizationStrategy.TENSOR_GROUP
-    )
 
 
 def _assign(chosen, linears, specs) -> list[tuple[str, ...]]:

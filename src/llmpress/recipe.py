@@ -210,8 +210,9 @@ def _method(names: list[str]) -> str:
     solver = "gptq" if "GPTQModifier" in names else "rtn"
     if "AWQModifier" in names:
         if solver == "gptq":
-            raise LlmpressError("AWQModifier is followed by round to nearest here: use "
-                                "QuantizationModifier with it, not GPTQModifier")  # fmt: skip
+            raise LlmpressError("AWQModifier with a GPTQModifier (several algorithms in one run) "
+                                "is not supported yet: AWQ is followed by round to nearest, "
+                                "a QuantizationModifier")  # fmt: skip
         return "awq"
     if "SmoothQuantModifier" in names:
         return "smoothquant+gptq" if solver == "gptq" else "smoothquant"

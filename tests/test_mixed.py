@@ -236,3 +236,42 @@ def test_mixed_static_and_dynamic_activations(tokenized_llama, tmp_path):
         got = load_transformers(out, False, torch.float32)(ids).logits
         want = load_transformers(tokenized_llama, False, torch.float32)(ids).logits
     assert relative_error(got, want) < 0.15
+
+
+AWQ_ATTENTION_GPTQ_MLP = EXAMPLES / "awq-attention-gptq-mlp.yaml"
+
+
+def test_several_algorithms_in_one_run_equal_each_algorithms_own_run(tokenized_llama, tmp_path):
+    """AWQ W4A16 on attention + GPTQ W8A8 on the MLP, in one pass per layer: the attention
+    modules equal a uniform AWQ run's (whose attention sites come first), the MLP modules a
+    uniform GPTQ run's; each report covers its own modules only."""
+    one_pass = dict(propagate="original", progress=False, **CALIBRATION)
+    mixed = compress(tokenized_llama, tmp_path / "m", recipe=AWQ_ATTENTION_GPTQ_MLP,
+                     **one_pass).output  # fmt: skip
+    awq = compress(tokenized_llama, tmp_path / "a", "W4A16", group_size=32, method="awq",
+                   **one_pass).output  # fmt: skip
+    gptq = compress(tokenized_llama, tmp_path / "g", "W8A8", method="gptq", **one_pass).output
+    got, want_awq, want_gptq = stored_modules(mixed), stored_modules(awq), stored_modules(gptq)
+    for module, state in got.items():
+        if "weight_scale" not in state:
+            continue
+        want = want_awq if ".self_attn." in module else want_gptq
+        for key, tensor in want[module].items():
+            assert state[key].equal(tensor), (module, key)
+    # the smoothed input_layernorm is AWQ's; post_attention_layernorm is left as it was
+    norms = {k: v for k, v in got.items() if k.endswith("layernorm")}
+    assert norms["model.layers.3.input_layernorm"]["weight"].equal(
+        want_awq["model.layers.3.input_layernorm"]["weight"]
+    )
+    assert norms["model.layers.3.post_attention_layernorm"]["weight"].equal(
+        want_gptq["model.layers.3.post_attention_layernorm"]["weight"]
+    )
+    manifest = json.loads((mixed / "llmpress.json").read_text())
+    assert all(".mlp." in m for m in manifest["gptq"])
+    assert len(manifest["gptq"]) == 16 * 3
+    assert all(".self_attn." in s or "input_layernorm" in s
+               for s in manifest["smoothing"]["sites"])  # fmt: skip
+    recipe = (mixed / "recipe.yaml").read_text()
+    assert compress_options(None, recipe, dataset="pydoc-calibration") == compress_options(
+        None, AWQ_ATTENTION_GPTQ_MLP, dataset="pydoc-calibration"
+    )

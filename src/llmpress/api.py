@@ -193,7 +193,8 @@ def dry_run(
     calibration = None
     activation_bytes = 0
     static = any(needs_calibration(g.scheme) for g in plan.groups)
-    observed = options.method != "rtn"  # GPTQ, AWQ or SmoothQuant observe the layers' inputs
+    # GPTQ, AWQ or SmoothQuant observe the layers' inputs
+    observed = any(m != "rtn" for m in options.methods)
     if static or observed or plan.kv_cache is not None:
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
@@ -230,7 +231,8 @@ def dry_run(
         "model": str(source.path),
         "scheme": options.label,
         "kv_cache": options.kv_cache,
-        "algorithm": options.method + (" + static activation scales" if static else ""),
+        "algorithm": " / ".join(dict.fromkeys(options.methods))
+        + (" + static activation scales" if static else ""),
         "observer": options.observer,
         "quantized_modules": len(plan.modules),
         "modules_by_kind": kinds,
@@ -411,7 +413,7 @@ def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
     from llmpress.calibrate import needs_calibration
 
     static = any(needs_calibration(g.scheme) for g in plan.groups)
-    if not static and plan.kv_cache is None and options.method == "rtn":
+    if not static and plan.kv_cache is None and set(options.methods) == {"rtn"}:
         return None
     _require_dataset(options)
     from transformers import AutoTokenizer

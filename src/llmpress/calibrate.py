@@ -44,7 +44,7 @@ from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
-from llmpress.plan import Plan
+from llmpress.plan import Plan, smoother_of, solver_of
 from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
 from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
@@ -365,9 +365,10 @@ class StaticCalibration:
         if self.smoothing is not None:
             self._smooth(index, layer, weights, others, watch, observer)
         states, packed = {}, {}
-        for scheme, members in self.plan.by_scheme(weights):  # one group at a time
+        for group, members in self.plan.by_group(weights):  # one group at a time
+            scheme = group.scheme
             part = {m: weights[m] for m in members}
-            if self.gptq is not None:
+            if solver_of(group.method) == "gptq":
                 solved = self._gptq_states(part, scheme, watch.hessians, observer)
             else:
                 solved = layer_states(part, scheme, self.plan.fused, observer, self.device)
@@ -492,6 +493,8 @@ class StaticCalibration:
         options, device = self.smoothing, self.device
         for mapping in self.mappings:
             members = [prefix + b for b in mapping.balance]
+            if smoother_of(self.plan.method_of(members[0])) is None:
+                continue  # its readers' group is not smoothed (several methods in one run)
             stats = watch.channels[members[0]]
             balance = [tensors[f"{b}.weight"].to(device, torch.float32) for b in mapping.balance]
             entry: dict = {}
@@ -538,7 +541,7 @@ class StaticCalibration:
         through the attention softmax, which the output error does not see)."""
         clipped = self.report["smoothing"].setdefault("clip", {})
         for name, weight in weights.items():
-            if name.rsplit(".", 1)[-1] in CLIP_SKIPPED:
+            if name.rsplit(".", 1)[-1] in CLIP_SKIPPED or self.plan.method_of(name) != "awq":
                 continue
             hessian = watch.hessians[name].mean(self.device)
             result = clip_search(

@@ -61,9 +61,13 @@ def quantization_config(plan: Plan, layout: str) -> dict:
 
 
 def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
-    """What was done, in llm-compressor's recipe format so either tool can re-run it."""
-    config_groups = {}
-    for planned, spec in zip(plan.groups, options.scheme_groups, strict=True):
+    """What was done, in llm-compressor's recipe format so either tool can re-run it. Where
+    the groups' methods differ (several algorithms in one run), the AWQ groups are the
+    AWQModifier's own config groups and the others the quantization modifier's."""
+    several = len(set(options.methods)) > 1
+    own_awq, quantized = {}, {}
+    for planned, spec, method in zip(plan.groups, options.scheme_groups, options.methods,
+                                     strict=True):  # fmt: skip
         group = {
             "targets": list(spec.targets),
             "weights": planned.scheme.weights.model_dump(mode="json", exclude_defaults=True),
@@ -72,11 +76,13 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
             group["input_activations"] = planned.scheme.input_activations.model_dump(
                 mode="json", exclude_defaults=True
             )
-        config_groups[planned.name] = group
+        (own_awq if several and method == "awq" else quantized)[planned.name] = group
+    specs = [g for g, m in zip(options.scheme_groups, options.methods, strict=True)
+             if not (several and m == "awq")]  # fmt: skip
     modifier = {
-        "targets": list(dict.fromkeys(t for g in options.scheme_groups for t in g.targets)),
+        "targets": list(dict.fromkeys(t for g in specs for t in g.targets)),
         "ignore": list(options.ignore),
-        "config_groups": config_groups,
+        "config_groups": quantized,
     }
     if plan.kv_cache is not None:
         modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
@@ -96,11 +102,14 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
         modifiers["AWQModifier"] = {"duo_scaling": options.duo_scaling, "n_grid": options.awq_grid}
         if options.awq_clip:  # llmpress' own option: llm-compressor 0.14 has no clipping
             modifiers["AWQModifier"]["llmpress_clip"] = True
-    modifiers[kind] = modifier
+        if own_awq:
+            modifiers["AWQModifier"].update(ignore=list(options.ignore), config_groups=own_awq)
+    if quantized:
+        modifiers[kind] = modifier
     recipe = {"quant_stage": {"quant_modifiers": modifiers}}
     header = (
-        f"# written by llmpress: scheme {options.label}, method {options.method}, "
-        f"observer {options.observer}\n"
+        f"# written by llmpress: scheme {options.label}, method "
+        f"{'/'.join(dict.fromkeys(options.methods))}, observer {options.observer}\n"
     )
     return header + yaml.safe_dump(recipe, sort_keys=False)
 

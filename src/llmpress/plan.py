@@ -48,6 +48,9 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 log = logging.getLogger(__name__)
 
 
+Method = Literal["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"]
+
+
 class SchemeGroup(BaseModel):
     """One group of a run: a preset (and group size), or compressed-tensors' scheme arguments
     spelled out (`args`: weights, input_activations, output_activations, format), over its
@@ -59,6 +62,8 @@ class SchemeGroup(BaseModel):
     args: dict | None = None
     targets: tuple[str, ...] = DEFAULT_TARGETS
     group_size: int | None = Field(default=None, gt=0)
+    # This group's method, where a run mixes algorithms (None: the run's `method`).
+    method: Method | None = None
 
     @field_validator("args")
     @classmethod
@@ -149,7 +154,7 @@ class CompressOptions(BaseModel):
     # feedback through the inputs' Hessian, llmpress.gptq; needs `dataset`), after optional
     # smoothing: "awq" (weight-only schemes, then round to nearest), "smoothquant" (schemes
     # that quantize activations), "smoothquant+gptq" (the standard W8A8 recipe).
-    method: Literal["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"] = "rtn"
+    method: Method = "rtn"
     smoothing_strength: float = Field(default=0.5, gt=0, le=1)  # SmoothQuant's α
     duo_scaling: bool = True  # AWQ: scales from activations and weights (False: activations)
     awq_clip: bool = False  # AWQ: also search each weight group's clipping range
@@ -190,14 +195,29 @@ class CompressOptions(BaseModel):
         return " + ".join(f"{g.label} ({', '.join(g.targets)})" for g in self.groups)
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """Each group's method, in group order."""
+        return tuple(g.method or self.method for g in self.scheme_groups)
+
+    @property
     def solver(self) -> str:
-        """How the weights are rounded once smoothed: "gptq" or "rtn"."""
-        return "gptq" if self.method.endswith("gptq") else "rtn"
+        """How the weights are rounded once smoothed: "gptq" (some group's, at least) or
+        "rtn"."""
+        return "gptq" if any(solver_of(m) == "gptq" for m in self.methods) else "rtn"
 
     @property
     def smoother(self) -> str | None:
-        """The smoothing applied before rounding: "awq", "smoothquant" or None."""
-        return self.method.split("+")[0] if self.method.startswith(("awq", "smooth")) else None
+        """The smoothing applied before rounding: "awq", "smoothquant" or None (one kind per
+        run)."""
+        kinds = {smoother_of(m) for m in self.methods} - {None}
+        return kinds.pop() if kinds else None
+
+    @model_validator(mode="after")
+    def _one_smoother(self) -> CompressOptions:
+        kinds = {smoother_of(m) for m in self.methods} - {None}
+        if len(kinds) > 1:
+            raise ValueError("one kind of smoothing per run: AWQ or SmoothQuant, not both")
+        return self
 
     @property
     def layout(self) -> str:
@@ -218,6 +238,7 @@ class PlannedGroup:
     name: str
     scheme: QuantizationScheme
     modules: tuple[str, ...]
+    method: str = "rtn"
 
 
 @dataclass(frozen=True)
@@ -245,12 +266,19 @@ class Plan:
     def scheme_of(self, module: str) -> QuantizationScheme:
         return self._by_module[module].scheme
 
+    def method_of(self, module: str) -> str:
+        return self._by_module[module].method
+
     def by_scheme(self, modules) -> list[tuple[QuantizationScheme, list[str]]]:
         """`modules` split by their group's scheme, in group order."""
+        return [(g.scheme, members) for g, members in self.by_group(modules)]
+
+    def by_group(self, modules) -> list[tuple[PlannedGroup, list[str]]]:
+        """`modules` split by their group, in group order."""
         split: dict[str, list[str]] = {}
         for name in modules:
             split.setdefault(self._by_module[name].name, []).append(name)
-        return [(g.scheme, split[g.name]) for g in self.groups if g.name in split]
+        return [(g, split[g.name]) for g in self.groups if g.name in split]
 
     @cached_property
     def _by_module(self) -> dict[str, PlannedGroup]:
@@ -268,6 +296,16 @@ class Plan:
             numel = source.modules[name].weight.numel()
             shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
         return source.total_bytes - shrink
+
+
+def solver_of(method: str) -> str:
+    """How a method rounds the weights once smoothed: "gptq" or "rtn"."""
+    return "gptq" if method.endswith("gptq") else "rtn"
+
+
+def smoother_of(method: str) -> str | None:
+    """The smoothing a method applies first: "awq", "smoothquant" or None."""
+    return method.split("+")[0] if method.startswith(("awq", "smooth")) else None
 
 
 def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
@@ -306,7 +344,7 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
         )
     members = _assign(chosen, linears, specs)
     groups = tuple(
-        PlannedGroup(f"group_{i}", scheme, members[i])
+        PlannedGroup(f"group_{i}", scheme, members[i], options.methods[i])
         for i, scheme in enumerate(schemes)
         if members[i]
     )
@@ -321,9 +359,9 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
 
     for group in groups:
         _check_divisible(group.scheme, group.modules, linears)
-        if options.solver == "gptq":
+        if solver_of(group.method) == "gptq":
             _gptq_actorder(group.scheme, options.actorder)
-        _check_smoothing(group.scheme, options)
+        _check_smoothing(group.scheme, group.method, options)
     kv_cache = None
     if options.kv_cache is not None:
         kv_cache = kv_cache_args(options.kv_cache)
@@ -400,28 +438,30 @@ def _check_divisible(
         )
 
 
-def _check_smoothing(scheme: QuantizationScheme, options: CompressOptions) -> None:
+def _check_smoothing(scheme: QuantizationScheme, method: str, options: CompressOptions) -> None:
     """AWQ protects weights whose activations are large: weight-only schemes. SmoothQuant
     eases activation quantization: schemes that quantize activations."""
     weight_only = scheme.input_activations is None
-    if options.smoother == "awq" and not weight_only:
+    smoother = smoother_of(method)
+    label = options.label if not options.groups else f"the group of {', '.join(scheme.targets)}"
+    if smoother == "awq" and not weight_only:
         raise LlmpressError(
             f"--method awq is for weight-only schemes (W4A16, W4A16_ASYM, NVFP4A16...); "
-            f"{options.label} quantizes activations: use --method smoothquant+gptq"
+            f"{label} quantizes activations: use --method smoothquant+gptq"
         )
-    if options.awq_clip and (
-        options.smoother != "awq"
-        or scheme.weights.type != "int"
-        or scheme.weights.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
-    ):
+    clippable = scheme.weights.type == "int" and scheme.weights.strategy in (
+        QuantizationStrategy.GROUP,
+        QuantizationStrategy.CHANNEL,
+    )
+    if options.awq_clip and (options.smoother != "awq" or (smoother == "awq" and not clippable)):
         raise LlmpressError(
             "--awq-clip searches int weight groups' ranges after AWQ: use it with --method awq "
-            f"and an int scheme in groups or channels (W4A16, W8A16...), not {options.label} "
-            f"by {options.method}"
+            f"and an int scheme in groups or channels (W4A16, W8A16...), not {label} "
+            f"by {method}"
         )
-    if options.smoother == "smoothquant" and weight_only:
+    if smoother == "smoothquant" and weight_only:
         raise LlmpressError(
-            f"--method {options.method} eases activation quantization; {options.label} "
+            f"--method {method} eases activation quantization; {label} "
             "keeps activations unquantized: use --method awq or gptq"
         )
 

@@ -92,7 +92,9 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
             known = ", ".join([*MODIFIER_KEYS, *SPARSITY_MODIFIERS])
             raise LlmpressError(f"{where}: unknown modifier {name!r}; known: {known}")
     quantizers = [m for m in modifiers if m[0] in QUANTIZERS]
-    if len(quantizers) != 1:
+    awq = next((a for n, _, a in modifiers if n == "AWQModifier"), None)
+    awq_own = awq is not None and (awq.get("scheme") or awq.get("config_groups")) is not None
+    if len(quantizers) > 1 or (not quantizers and not awq_own):
         raise LlmpressError(
             "a recipe needs exactly one QuantizationModifier or GPTQModifier (the scheme); "
             f"this one has {len(quantizers)}: {', '.join(names) or 'no modifiers'}"
@@ -119,6 +121,11 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
             if option is not None and key in args and args[key] is not None:
                 value = args[key]
                 fields[option] = _as_tuple(value) if option in ("targets", "ignore") else value
+    if not quantizers:  # an AWQModifier with its own scheme quantizes (round to nearest)
+        fields.update(_scheme_fields("AWQModifier", awq))
+        fields.pop("targets", None) if "groups" in fields else None
+        fields["method"] = "awq"
+        return fields
     name, where, args = quantizers[0]
     fields.update(_scheme_fields(where, args))
     if "groups" in fields:  # each group has its targets; the modifier's are their union
@@ -127,11 +134,28 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
         fields["actorder"] = _actorder(args)
     if args.get("kv_cache_scheme") is not None:
         fields["kv_cache"] = _kv_cache(f"{where}.kv_cache_scheme", args["kv_cache_scheme"])
+    if awq_own and _scheme_fields("AWQModifier", awq) != _scheme_fields(where, args):
+        # Several algorithms: AWQ then round to nearest on its groups, the quantization
+        # modifier's method on the others (a module takes its most specific target's group).
+        solver = "gptq" if name == "GPTQModifier" else "rtn"
+        groups = [{**g, "method": "awq"} for g in _groups(_scheme_fields("AWQModifier", awq))]
+        groups += [{**g, "method": solver} for g in _groups(_scheme_fields(where, args))]
+        for key in ("scheme", "targets", "group_size"):
+            fields.pop(key, None)
+        fields.update(groups=tuple(groups), method=solver)
+        return fields
     fields["method"] = _method(names)
-    if "AWQModifier" in names:
-        awq = next(a for n, _, a in modifiers if n == "AWQModifier")
-        fields.update(_awq_scheme_agrees(awq, fields))
     return fields
+
+
+def _groups(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """A modifier's scheme fields as a list of groups."""
+    if "groups" in fields:
+        return list(fields["groups"])
+    group = {"scheme": fields["scheme"], "targets": fields.get("targets", ("Linear",))}
+    if fields.get("group_size") is not None:
+        group["group_size"] = fields["group_size"]
+    return [group]
 
 
 def _actorder(args: dict) -> str:
@@ -210,9 +234,9 @@ def _method(names: list[str]) -> str:
     solver = "gptq" if "GPTQModifier" in names else "rtn"
     if "AWQModifier" in names:
         if solver == "gptq":
-            raise LlmpressError("AWQModifier with a GPTQModifier (several algorithms in one run) "
-                                "is not supported yet: AWQ is followed by round to nearest, "
-                                "a QuantizationModifier")  # fmt: skip
+            raise LlmpressError("AWQModifier is followed by round to nearest: with a "
+                                "GPTQModifier, give the AWQModifier its own scheme and targets "
+                                "(several algorithms in one run)")  # fmt: skip
         return "awq"
     if "SmoothQuantModifier" in names:
         return "smoothquant+gptq" if solver == "gptq" else "smoothquant"
@@ -313,19 +337,6 @@ def _same(preset: QuantizationScheme, scheme: QuantizationScheme) -> bool:
 
 def _comparable(args: QuantizationArgs) -> dict:
     return args.model_dump(exclude={"observer", "observer_kwargs", "actorder"})
-
-
-def _awq_scheme_agrees(awq: dict, fields: dict[str, Any]) -> dict[str, Any]:
-    """llm-compressor 0.14's AWQModifier may name the scheme too: it must be the quantizer's."""
-    if awq.get("scheme") is None and awq.get("config_groups") is None:
-        return {}
-    own = _scheme_fields("AWQModifier", awq)
-    if (own.get("scheme"), own.get("groups")) != (fields.get("scheme"), fields.get("groups")):
-        raise LlmpressError(
-            f"AWQModifier's scheme {own.get('scheme')} differs from the quantization "
-            f"modifier's {fields.get('scheme')}: AWQ searches for the scheme it is rounded to"
-        )
-    return {}
 
 
 def _preset(where: str, name: str) -> None:

@@ -5,6 +5,8 @@ Builds random Llama models with SmolLM2's tokenizer (its files given with --toke
 - calibrated schemes (FP8, W8A8_STATIC, NVFP4) and an FP8 KV cache: both devices must
   succeed, and their static scales agree to within the rounding of the compute dtype (bf16 on the GPU, float32 on
   the CPU);
+- GPTQ (W4A16), AWQ and a mixed int8/int4 GPTQ run on both devices: every GPTQ module's
+  output error below round-to-nearest's on the GPU, close to the CPU's;
 - timing: a SmolLM2-shaped model (576 wide, 30 layers) calibrated with FP8 static on
   128 x 512 tokens, on each device.
 
@@ -14,6 +16,7 @@ Builds random Llama models with SmolLM2's tokenizer (its files given with --toke
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -108,6 +111,34 @@ def main() -> None:
     ok = cpu.keys() == gpu.keys() and len(keys) == 8 and worst < 0.05
     failures += not ok
     print(f"kv-cache fp8-head, FP8_DYNAMIC: {len(keys)} k/v scales, worst cpu/cuda gap {worst:.4f}")
+
+    # GPTQ (W4A16, groups of 64), AWQ and a mixed int8/int4 GPTQ run: both devices succeed,
+    # and the reported output error of GPTQ is below round-to-nearest's for every module.
+    for label, kwargs in (
+        ("gptq W4A16", dict(scheme="W4A16", group_size=64, method="gptq")),
+        ("awq W4A16", dict(scheme="W4A16", group_size=64, method="awq")),
+        ("gptq mixed int8/int4", dict(method="gptq", groups=[
+            {"scheme": "W8A16", "targets": ["re:.*down_proj"], "group_size": 64},
+            {"scheme": "W4A16", "targets": ["Linear"], "group_size": 64}])),
+    ):  # fmt: skip
+        reports = {}
+        for device in ("cpu", "cuda"):
+            out = work / f"{label.replace(' ', '-').replace('/', '-')}-{device}"
+            compress(small, out, device=device, progress=False, **kwargs, **CALIBRATION)
+            reports[device] = json.loads((out / "llmpress.json").read_text())
+        if kwargs["method"] == "gptq":
+            gptq = reports["cuda"]["gptq"]
+            ok = len(gptq) == 4 * 7 and all(r["loss"] < r["loss_rtn"] for r in gptq.values())
+            gap = max(
+                abs(reports["cpu"]["gptq"][m]["loss"] / r["loss"] - 1) for m, r in gptq.items()
+            )
+            detail = f"{len(gptq)} modules below RTN on cuda, worst cpu/cuda loss gap {gap:.3f}"
+        else:
+            sites = reports["cuda"]["smoothing"]["sites"]
+            ok = len(sites) == 4 * 4
+            detail = f"{len(sites)} sites smoothed on cuda"
+        failures += not ok
+        print(f"{label}: {detail}: {'ok' if ok else 'FAILED'}")
 
     if not args.skip_timing:
         shaped = build(work / "smollm2-shaped", args.tokenizer, 576, 30, 1536)

@@ -172,12 +172,7 @@ def _actorder(args: dict) -> str:
 
 def _kv_cache(where: str, spelled: dict) -> str:
     """The `--kv-cache` choice whose arguments the recipe's kv_cache_scheme spells."""
-    try:
-        args = QuantizationArgs.model_validate(spelled)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise LlmpressError(f"{where}.{key}: {first['msg']}") from None
+    args = _validated(QuantizationArgs, where, spelled)
     for choice in ("fp8", "fp8-head"):
         if _comparable(kv_cache_args(choice)) == _comparable(args):
             return choice
@@ -185,6 +180,18 @@ def _kv_cache(where: str, spelled: dict) -> str:
         f"{where}: llmpress quantizes the KV cache to fp8 with static scales per tensor (fp8) "
         "or per head (fp8-head); these arguments are neither"
     )
+
+
+def _validated(model, where: str, data: dict):
+    """compressed-tensors' own validation of `data`, its first error naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise LlmpressError(f"{where}.{key}: {first['msg']}") from None
+    except NotImplementedError as exc:  # compressed-tensors' refusal of some arguments
+        raise LlmpressError(f"{where}: {exc}") from None
 
 
 def _load(recipe: str | os.PathLike | dict) -> dict:
@@ -287,14 +294,7 @@ def _spelled_out(where: str, group: dict) -> dict[str, Any]:
     """A config group spelled out: the preset (and group size) whose arguments it equals."""
     if not isinstance(group, dict) or "targets" not in group or "weights" not in group:
         raise LlmpressError(f"{where}: a config group needs targets and weights")
-    try:
-        scheme = QuantizationScheme.model_validate(group)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise LlmpressError(f"{where}.{key}: {first['msg']}") from None
-    except NotImplementedError as exc:  # compressed-tensors' refusal of some arguments
-        raise LlmpressError(f"{where}: {exc}") from None
+    scheme = _validated(QuantizationScheme, where, group)
     targets = tuple(scheme.targets)
     observer = scheme.weights.observer
     for name in scheme_names():

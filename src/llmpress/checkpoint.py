@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import compressed_tensors
+import torch
 import yaml
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import (
@@ -19,12 +20,16 @@ from compressed_tensors.quantization import (
     QuantizationConfig,
     QuantizationScheme,
 )
+from compressed_tensors.utils import match_targets
 
 from llmpress.errors import LlmpressError
 from llmpress.packing import layout_of, layouts_differ
 from llmpress.plan import CompressOptions, Plan
 from llmpress.quantize import scheme_format
 from llmpress.source import SAFETENSORS_DTYPES
+
+# What every quantized module of a checkpoint is, for target matching by class name.
+_A_LINEAR = torch.nn.Linear(1, 1, device="meta")
 
 
 def quantization_config(plan: Plan, layout: str) -> dict:
@@ -246,21 +251,11 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 
 
 def _group_bits(module: str, config_groups: dict) -> int | None:
-    """The weight bits of the config group a reader gives `module`: the most specific target
-    wins (exact name, then regex, then a class name: every stored module is a Linear)."""
-    ranked = []
-    for group in config_groups.values():
-        for target in group.get("targets", []):
-            if target == module:
-                rank = 0
-            elif target.startswith("re:") and re.match(target[3:], module):
-                rank = 1
-            elif not target.startswith("re:") and "." not in target:
-                rank = 2
-            else:
-                continue
-            ranked.append((rank, target, (group.get("weights") or {}).get("num_bits")))
-    return min(ranked)[2] if ranked else None
+    """The weight bits of the config group a reader gives `module` (every stored quantized
+    module is a Linear): compressed-tensors' own most-specific-target match, as the plan."""
+    owner = {t: g for g in reversed(config_groups.values()) for t in g.get("targets", [])}
+    matched = match_targets(module, _A_LINEAR, list(owner))
+    return (owner[matched[0]].get("weights") or {}).get("num_bits") if matched else None
 
 
 def _stored_weight(

@@ -212,6 +212,15 @@ BAD = [
 ]  # fmt: skip
 
 
+def test_run_wide_targets_or_group_size_beside_groups_are_refused():
+    groups = [{"scheme": "W4A16", "targets": ["Linear"]}]
+    for extra in ({"targets": ["re:.*mlp.*"]}, {"group_size": 64}):
+        with pytest.raises(LlmpressError, match="each group gives its targets and group size"):
+            compress_options(None, groups=groups, **extra)
+    with pytest.raises(LlmpressError, match="--group-size is set by the recipe too|each group"):
+        compress_options(None, INT8_DOWN, group_size=64)
+
+
 @pytest.mark.parametrize(("fields", "message"), BAD)
 def test_bad_mixed_plans_are_refused_before_any_work(fields, message, tiny_llama, tmp_path):
     from llmpress.api import run

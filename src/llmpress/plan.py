@@ -175,6 +175,8 @@ class CompressOptions(BaseModel):
     def _one_scheme_source(self) -> CompressOptions:
         if (self.scheme is None) == (not self.groups):
             raise ValueError("give a scheme, or groups of schemes for mixed precision")
+        if self.groups and (self.targets != DEFAULT_TARGETS or self.group_size is not None):
+            raise ValueError("with groups, each group gives its targets and group size")
         return self
 
     @property

@@ -211,13 +211,15 @@ class CompressOptions(BaseModel):
     def smoother(self) -> str | None:
         """The smoothing applied before rounding: "awq", "smoothquant" or None (one kind per
         run)."""
-        kinds = {smoother_of(m) for m in self.methods} - {None}
-        return kinds.pop() if kinds else None
+        return next(iter(self._smoothers), None)
+
+    @property
+    def _smoothers(self) -> set[str]:
+        return {smoother_of(m) for m in self.methods} - {None}
 
     @model_validator(mode="after")
     def _one_smoother(self) -> CompressOptions:
-        kinds = {smoother_of(m) for m in self.methods} - {None}
-        if len(kinds) > 1:
+        if len(self._smoothers) > 1:
             raise ValueError("one kind of smoothing per run: AWQ or SmoothQuant, not both")
         return self
 
@@ -383,11 +385,10 @@ def _assign(chosen, linears, specs) -> list[tuple[str, ...]]:
     members: list[list[str]] = [[] for _ in specs]
     for name in chosen:
         matched = match_targets(name, linears[name], list(owner))
-        regexes = {owner[t] for t in matched if t.startswith("re:")}
-        exact = [t for t in matched if not t.startswith("re:") and t == name]
-        if not exact and len(regexes) > 1:
+        regexes = [t for t in matched if t.startswith("re:")]
+        if name not in matched and len({owner[t] for t in regexes}) > 1:
             raise LlmpressError(
-                f"{name} matches regexes of two groups ({', '.join(t for t in matched if t.startswith('re:'))}); "
+                f"{name} matches regexes of two groups ({', '.join(regexes)}); "
                 "readers resolve such ties differently: make the targets exclusive"
             )
         members[owner[matched[0]]].append(name)

@@ -121,30 +121,36 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
             if option is not None and key in args and args[key] is not None:
                 value = args[key]
                 fields[option] = _as_tuple(value) if option in ("targets", "ignore") else value
+    own = _scheme_fields("AWQModifier", awq) if awq_own else None
     if not quantizers:  # an AWQModifier with its own scheme quantizes (round to nearest)
-        fields.update(_scheme_fields("AWQModifier", awq))
-        fields.pop("targets", None) if "groups" in fields else None
-        fields["method"] = "awq"
-        return fields
+        return _with_scheme(fields, own) | {"method": "awq"}
     name, where, args = quantizers[0]
-    fields.update(_scheme_fields(where, args))
-    if "groups" in fields:  # each group has its targets; the modifier's are their union
-        fields.pop("targets", None)
+    scheme = _scheme_fields(where, args)
+    fields = _with_scheme(fields, scheme)
     if name == "GPTQModifier":
         fields["actorder"] = _actorder(args)
     if args.get("kv_cache_scheme") is not None:
         fields["kv_cache"] = _kv_cache(f"{where}.kv_cache_scheme", args["kv_cache_scheme"])
-    if awq_own and _scheme_fields("AWQModifier", awq) != _scheme_fields(where, args):
+    if own is not None and own != scheme:
         # Several algorithms: AWQ then round to nearest on its groups, the quantization
         # modifier's method on the others (a module takes its most specific target's group).
         solver = "gptq" if name == "GPTQModifier" else "rtn"
-        groups = [{**g, "method": "awq"} for g in _groups(_scheme_fields("AWQModifier", awq))]
-        groups += [{**g, "method": solver} for g in _groups(_scheme_fields(where, args))]
+        groups = [{**g, "method": "awq"} for g in _groups(own)]
+        groups += [{**g, "method": solver} for g in _groups(scheme)]
         for key in ("scheme", "targets", "group_size"):
             fields.pop(key, None)
         fields.update(groups=tuple(groups), method=solver)
         return fields
     fields["method"] = _method(names)
+    return fields
+
+
+def _with_scheme(fields: dict[str, Any], scheme: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with a modifier's scheme fields; with groups, each group has its targets and
+    the modifier's (their union) are dropped."""
+    fields = {**fields, **scheme}
+    if "groups" in fields:
+        fields.pop("targets", None)
     return fields
 
 

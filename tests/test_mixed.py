@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationScheme
 from helpers import ct_decompressed_weights, load_transformers, relative_error, stored_modules
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llmpress import compress
 from llmpress.api import compress_options
@@ -318,3 +320,103 @@ def test_several_algorithms_in_one_run_equal_each_algorithms_own_run(tokenized_l
     assert compress_options(None, recipe, dataset="pydoc-calibration") == compress_options(
         None, AWQ_ATTENTION_GPTQ_MLP, dataset="pydoc-calibration"
     )
+
+
+def _awq_only(recipe: Path) -> dict:
+    """The AWQ modifier of a recipe alone: its groups quantized, every other module left."""
+    data = yaml.safe_load(recipe.read_text())
+    modifiers = data["quant_stage"]["quant_modifiers"]
+    return {"quant_stage": {"quant_modifiers": {"AWQModifier": modifiers["AWQModifier"]}}}
+
+
+def _dense_copy(checkpoint: Path, out: Path) -> Path:
+    """`checkpoint` with its compressed weights decompressed by compressed-tensors and stored
+    plainly, without a quantization config: a model to start the next modifier's run from."""
+    out.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    for module, weight in ct_decompressed_weights(checkpoint).items():
+        for key in [k for k in tensors if k.startswith(f"{module}.weight")]:
+            del tensors[key]
+        tensors[f"{module}.weight"] = weight.to(torch.bfloat16)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, out / name)
+    return out
+
+
+def test_independent_runs_each_modifier_as_a_run_of_its_own(tokenized_llama, tmp_path):
+    """--independent: the AWQ modifier's modules (and smoothed norms) equal an AWQ-only run's,
+    the MLP original as it ran; the GPTQ modifier's equal a GPTQ run on that run's output,
+    decompressed. One calibrated run per modifier, in one walk over the layers."""
+    calibrated = dict(progress=False, **CALIBRATION)
+    both = compress(tokenized_llama, tmp_path / "both", recipe=AWQ_ATTENTION_GPTQ_MLP,
+                    independent=True, **calibrated).output  # fmt: skip
+    first = compress(tokenized_llama, tmp_path / "awq", recipe=_awq_only(AWQ_ATTENTION_GPTQ_MLP),
+                     **calibrated).output  # fmt: skip
+    dense = _dense_copy(first, tmp_path / "dense")
+    second = compress(dense, tmp_path / "gptq", "W8A8", method="gptq", targets=["re:.*mlp.*"],
+                      **calibrated).output  # fmt: skip
+    got, want_awq, want_gptq = stored_modules(both), stored_modules(first), stored_modules(second)
+    compared = 0
+    for module, state in got.items():
+        if "weight_scale" in state:
+            want = want_awq if ".self_attn." in module else want_gptq
+        elif module.endswith("input_layernorm"):  # smoothed by AWQ
+            want = want_awq
+        else:
+            continue
+        assert state.keys() == want[module].keys(), module
+        for key, tensor in want[module].items():
+            assert state[key].equal(tensor), (module, key)
+        compared += 1
+    assert compared == 16 * 8
+    # the default, one sequential pass: AWQ calibrates on inputs that quantized MLPs shaped
+    sequential = stored_modules(compress(tokenized_llama, tmp_path / "seq",
+                                         recipe=AWQ_ATTENTION_GPTQ_MLP, **calibrated).output)  # fmt: skip
+    q_proj = "model.layers.8.self_attn.q_proj"
+    assert not sequential[q_proj]["weight_scale"].equal(got[q_proj]["weight_scale"])
+    manifest = json.loads((both / "llmpress.json").read_text())
+    assert manifest["options"]["independent"] is True
+
+
+def test_independent_with_one_modifier_is_the_default_run(tokenized_llama, tmp_path):
+    """One modifier is one stage: --independent changes nothing."""
+    common = dict(method="gptq", progress=False, **CALIBRATION)
+    plain = compress(tokenized_llama, tmp_path / "a", "W8A8", **common).output
+    flagged = compress(tokenized_llama, tmp_path / "b", "W8A8", independent=True, **common).output
+    assert (
+        load_file(plain / "model.safetensors").keys()
+        == load_file(flagged / "model.safetensors").keys()
+    )
+    want = stored_modules(plain)
+    for module, state in stored_modules(flagged).items():
+        for key, tensor in state.items():
+            assert tensor.equal(want[module][key]), (module, key)
+
+
+def test_independent_smoothquant_smooths_on_the_original_models_statistics(
+    tokenized_llama, tmp_path
+):
+    """SmoothQuant then GPTQ, independently: the smoothing stage carries the smoothed, still
+    unquantized layers (the original function), so its scales are those a run on the original
+    model's statistics finds (`propagate="original"`), up to bf16 rounding."""
+    common = dict(method="smoothquant+gptq", progress=False, **CALIBRATION)
+    runs = {}
+    for name, extra in {"independent": dict(independent=True),
+                        "original": dict(propagate="original")}.items():  # fmt: skip
+        out = compress(tokenized_llama, tmp_path / name, "W8A8", **extra, **common).output
+        runs[name] = json.loads((out / "llmpress.json").read_text())["smoothing"]["sites"]
+    assert len(runs["independent"]) == 16 * 2
+    for site, entry in runs["independent"].items():
+        want = torch.tensor(runs["original"][site]["scale_range"])
+        assert torch.allclose(torch.tensor(entry["scale_range"]), want, rtol=0.02), site
+    ids = torch.tensor([list(range(100, 164))])
+    with torch.no_grad():
+        got = load_transformers(tmp_path / "independent", False, torch.float32)(ids).logits
+        want = load_transformers(tokenized_llama, False, torch.float32)(ids).logits
+    assert relative_error(got, want) < 0.1

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,11 +42,11 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _kill_midway(tokenized_llama, out, after_layers: int) -> dict:
+def _kill_midway(tokenized_llama, out, after_layers: int, how=("--scheme", "FP8")) -> dict:
     """Start the CLI, SIGKILL it once the journal lists `after_layers` finished layers."""
     command = [
         sys.executable, "-m", "llmpress.cli", "compress", str(tokenized_llama), "-o", str(out),
-        "--scheme", "FP8", "--dataset", ARGS["dataset"], "--num-samples",
+        *how, "--dataset", ARGS["dataset"], "--num-samples",
         str(ARGS["num_samples"]), "--seq-len", str(ARGS["seq_len"]), "--quiet",
         "--max-shard-size", str(SHARD),
     ]  # fmt: skip
@@ -96,3 +97,24 @@ def test_activations_spilled_to_disk_give_the_same_bytes(tokenized_llama, uninte
 def test_resume_without_an_interrupted_run_runs_normally(tokenized_llama, uninterrupted, tmp_path):
     _fp8(tokenized_llama, tmp_path / "fp8", resume=True, **ARGS)
     assert _files(tmp_path / "fp8") == _files(uninterrupted)
+
+
+AWQ_GPTQ = Path(__file__).resolve().parents[1] / "examples" / "awq-attention-gptq-mlp.yaml"
+
+
+def test_an_independent_run_resumes_every_stage(tokenized_llama, tmp_path):
+    """--independent keeps hidden states per modifier: all of them are journaled and reopened,
+    and the resumed run writes the bytes of an uninterrupted one."""
+    how = ("--recipe", str(AWQ_GPTQ), "--independent")
+    whole = compress(str(tokenized_llama), str(tmp_path / "whole"), recipe=AWQ_GPTQ,
+                     independent=True, progress=False, max_shard_size=SHARD, **ARGS).output  # fmt: skip
+    out = tmp_path / "cut"
+    record = _kill_midway(tokenized_llama, out, after_layers=4, how=how)
+    assert 4 <= record["layers_done"] < LAYERS
+    stages = partial_dir(out) / RESUME_DIR / "activations"
+    assert (stages / "stage-1" / f"gen-{record['generation']:05d}" / "meta.json").exists()
+    compress(str(tokenized_llama), str(out), recipe=AWQ_GPTQ, independent=True, resume=True,
+             progress=False, max_shard_size=SHARD, **ARGS)  # fmt: skip
+    got, want = _files(out), _files(whole)
+    del got["llmpress.json"], want["llmpress.json"]  # GPTQ's timings differ
+    assert got == want

@@ -71,6 +71,7 @@ def compress(
     actorder: str | None = None,
     offload_hessians: bool | None = None,
     propagate: str | None = None,
+    independent: bool | None = None,
     smoothing_strength: float | None = None,
     duo_scaling: bool | None = None,
     awq_clip: bool | None = None,
@@ -89,6 +90,8 @@ def compress(
     `awq_clip`: AWQ's scale terms, exponents tried and clipping search).
     `propagate`: "compressed" (the default: each layer calibrates on the outputs of the
     compressed layers before it) or "original" (on the original model's: one pass per layer).
+    `independent`: with several modifiers (AWQ or SmoothQuant, then quantization), calibrate
+    each on its own hidden states, as one run per modifier would, not all in one pass.
     The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
     calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
     scales calibrated on `dataset`.
@@ -116,6 +119,7 @@ def compress(
         actorder=actorder,
         offload_hessians=offload_hessians,
         propagate=propagate,
+        independent=independent,
         smoothing_strength=smoothing_strength,
         duo_scaling=duo_scaling,
         awq_clip=awq_clip,
@@ -176,7 +180,7 @@ def dry_run(
 ) -> dict:
     """What `run` would do, from headers and config alone: no weights are read, nothing is
     written. Fails as `run` would on a plan that cannot work (a static scheme without data)."""
-    from llmpress.calibrate import compute_dtype, needs_calibration
+    from llmpress.calibrate import compute_dtype, needs_calibration, stages_of
 
     source = ModelSource.open(model)
     plan = build_plan(source, options)
@@ -212,11 +216,13 @@ def dry_run(
             passes = 1
         else:
             passes = 1 + (static or observed) + (plan.kv_cache is not None)
-        seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
+        stages = len(stages_of(plan, options.independent))  # each with its own passes
+        seconds += stages * passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
-        generation = tokens * hidden * dtype.itemsize  # hidden states in the compute dtype
-        activation_bytes = 2 * generation if max_memory is None else min(2 * generation, max_memory)
+        # Hidden states in the compute dtype, two generations, of each stage.
+        held = 2 * stages * tokens * hidden * dtype.itemsize
+        activation_bytes = held if max_memory is None else min(held, max_memory)
         calibration = {
             "dataset": options.dataset,
             "samples": options.num_samples,
@@ -224,7 +230,7 @@ def dry_run(
             "seed": options.seed,
             "propagate": options.propagate,
             "max_tokens": tokens,
-            "activation_bytes": 2 * generation,
+            "activation_bytes": held,
             "activation_bytes_in_memory": activation_bytes,
         }
     return {
@@ -293,25 +299,30 @@ def run(
     try:
         calibrated = None
         if calibration is not None:
-            from llmpress.calibrate import StaticCalibration
+            from llmpress.calibrate import StaticCalibration, stages_of
 
+            stages = stages_of(plan, options.independent)
             spill = partial_dir(output) / RESUME_DIR / "activations"
+            # Each stage's hidden states apart, the memory budget shared out between them.
+            budget = None if max_memory is None else max_memory // len(stages)
+            folders = [spill] + [spill / f"stage-{k}" for k in range(1, len(stages))]
             if record is None:
-                cache = ActivationCache(spill, max_memory)
+                caches = [ActivationCache(f, budget) for f in folders]
             else:
-                cache = ActivationCache.reopen(spill, record["generation"], max_memory)
+                caches = [ActivationCache.reopen(f, record["generation"], budget) for f in folders]
             calibrated = StaticCalibration(
                 source,
                 plan,
                 calibration,
                 options.device,
-                cache,
+                caches,
                 resumed=record is not None,
                 compute=options.compute_dtype,
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
                 propagate=options.propagate,
                 smoothing=smoothing_options(options),
+                stages=stages,
             )
             if record is not None:
                 for section, entries in record.get("report", {}).items():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -63,6 +64,35 @@ def needs_calibration(scheme: QuantizationScheme) -> bool:
     if acts is None:
         return False
     return acts.dynamic is False or acts.strategy == QuantizationStrategy.TENSOR_GROUP
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One modifier's part of each layer's work: the groups whose smoothing sites it smooths
+    and the groups it quantizes (by config group name)."""
+
+    smooths: frozenset[str]
+    quantizes: frozenset[str]
+
+
+def stages_of(plan: Plan, independent: bool) -> list[Stage]:
+    """The stages of a calibrated run. By default one: each layer is observed once and every
+    modifier works on it. `independent`: one stage per modifier, in recipe order (the
+    smoothing modifier, then the quantization modifier), each calibrated on its own hidden
+    states, as separate runs would be: a stage sees the modules of the stages before it
+    compressed, and those of the stages after it original."""
+    every = frozenset(g.name for g in plan.groups)
+    smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
+    if not independent:
+        return [Stage(smoothed, every)]
+    stages = []
+    if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
+        rounded = frozenset(g.name for g in plan.groups if smoother_of(g.method) == "awq")
+        stages.append(Stage(smoothed, rounded))
+    rest = every - (stages[0].quantizes if stages else frozenset())
+    if rest:
+        stages.append(Stage(frozenset(), rest))
+    return stages
 
 
 def compute_dtype(device: str, checkpoint_dtype: torch.dtype, choice: str = "auto") -> torch.dtype:
@@ -283,19 +313,22 @@ class StaticCalibration:
         plan: Plan,
         calibration: CalibrationSet,
         device: str,
-        cache: ActivationCache | None = None,
+        caches: list[ActivationCache] | None = None,
         resumed: bool = False,
         gptq: GPTQOptions | None = None,
         offload_hessians: bool = False,
         propagate: str = "compressed",
         smoothing: SmoothingOptions | None = None,
         compute: str = "auto",
+        stages: list[Stage] | None = None,
     ):
-        """`resumed`: `cache` already holds the inputs of the first layer still to run;
+        """`caches`: where each stage's hidden states live between layers (one per stage);
+        `resumed`: they already hold the inputs of the first layer still to run;
         `gptq`: solve the weights by GPTQ on the layer's inputs; `propagate`: what the next
         layer sees, the "compressed" layer's outputs or the "original" one's; `smoothing`:
         AWQ or SmoothQuant scales applied before the weights are quantized; `compute`: the
-        compute dtype's choice (`compute_dtype`)."""
+        compute dtype's choice (`compute_dtype`); `stages`: the modifiers' parts of each layer's
+        work, each on its own hidden states (`stages_of`; default: one stage, all of it)."""
         # Static input scales for some group; else only the KV cache needs the data.
         self.static = any(needs_calibration(g.scheme) for g in plan.groups)
         outside = [m for m in plan.modules if source.layer_of(f"{m}.weight") is None]
@@ -308,8 +341,17 @@ class StaticCalibration:
         self.kv = KVCacheCalibration(plan.kv_cache) if plan.kv_cache is not None else None
         self.checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(device, self.checkpoint_dtype, compute)
-        self.runner = LayerRunner(source, device, dtype=dtype, cache=cache)
+        self.stages = stages if stages is not None else stages_of(plan, independent=False)
+        self.caches = caches if caches is not None else [ActivationCache()]
+        if len(self.caches) != len(self.stages):
+            raise ValueError(f"{len(self.stages)} stages need as many caches")
+        self.runner = LayerRunner(source, device, dtype=dtype, cache=self.caches[0])
         self.runner.capture(calibration.samples, hidden=not resumed)
+        if not resumed:  # every stage starts from the embeddings' outputs
+            for cache in self.caches[1:]:
+                for i in range(len(self.runner.batches)):
+                    cache.put(i, self.caches[0].get(i))
+                cache.advance()
         self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
         self.offload_hessians = offload_hessians
         self.one_pass = propagate == "original"
@@ -323,7 +365,8 @@ class StaticCalibration:
         return self.runner.cache.generation
 
     def close(self) -> None:
-        self.runner.cache.close()
+        for cache in self.caches:
+            cache.close()
 
     def compress(
         self,
@@ -334,57 +377,87 @@ class StaticCalibration:
         layout,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Layer `index`: observe its inputs, compress `weights` (by module name), run it
-        compressed. `others`: the layer's remaining tensors (norms...), by full name."""
+        compressed. `others`: the layer's remaining tensors (norms...), by full name. With
+        several stages, each runs on its own hidden states, with the modules of the stages
+        before it compressed and those of the stages after it still original."""
         read = {**others, **{f"{name}.weight": w for name, w in weights.items()}}
         layer = self.runner.load_layer(index, read)
-        modules = self.runner.modules
-        watch = None
-        hooks = []
         if self.smoothing is not None and self.mappings is None:
             self.mappings = self._infer_mappings(index, layer, weights)
-        if self.static or self.gptq is not None or self.smoothing is not None:
-            awq = self.smoothing is not None and self.smoothing.method == "awq"
+        packed: dict[str, dict[str, torch.Tensor]] = {}
+        held: list = []  # input quantizers of the modules earlier stages compressed
+        with _hooked(held):
+            for k, stage in enumerate(self.stages):
+                self.runner.cache = self.caches[k]
+                last = k == len(self.stages) - 1
+                done, readable = self._stage(
+                    index, layer, stage, weights, others, observer, layout, last
+                )
+                if not last:  # the next stages run with these modules compressed
+                    held += self._load_compressed(readable)
+                packed |= done
+        self.runner.unload_layer(index)
+        return packed
+
+    def _stage(
+        self, index, layer, stage: Stage, weights, others, observer, layout, last: bool
+    ) -> tuple[dict, dict]:
+        """One stage's work on the resident layer: observe, smooth, compress its modules, and
+        give its hidden states their next generation. Returns the modules' stored tensors
+        (and, on the last stage with --kv-cache, the attentions' k/v scales), and the same
+        weights as the installed compressed-tensors reads them (`_decompressible`)."""
+        part = {n: w for n, w in weights.items() if self.plan.group_of(n).name in stage.quantizes}
+        watched = [n for n in weights if n in part or self.plan.group_of(n).name in stage.smooths]
+        awq = bool(stage.smooths) and self.smoothing.method == "awq"
+        gptq = any(solver_of(self.plan.method_of(n)) == "gptq" for n in part)
+        kv = self.kv if last else None
+        watch = None
+        hooks = []
+        if self.static or gptq or stage.smooths:
             watch = _InputObserver(
-                list(weights),
+                watched,
                 ranges=self.static,
-                hessians=self.gptq is not None or awq,
+                hessians=gptq or awq,
                 device=self.device,
                 offload=self.offload_hessians,
                 stop=not self.one_pass,
-                channels=self.smoothing is not None,
+                channels=bool(stage.smooths),
             )
-            hooks = [modules[n].register_forward_pre_hook(watch.hook(n)) for n in weights]
+            hooks = [
+                self.runner.modules[n].register_forward_pre_hook(watch.hook(n)) for n in watched
+            ]
             hooks.append(layer.register_forward_pre_hook(watch.start))
         attentions = None
-        if self.one_pass and self.kv is not None:
+        if self.one_pass and kv is not None:
             attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")
-            hooks += self.kv.observe(attentions)
+            hooks += kv.observe(attentions)
         if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
             with _hooked(hooks):
                 self.runner.forward_layer(index, update=self.one_pass)
-        if self.smoothing is not None:
-            self._smooth(index, layer, weights, others, watch, observer)
+        elif self.one_pass:
+            self.runner.forward_layer(index)
+        if stage.smooths:
+            self._smooth(index, layer, stage, weights, others, watch, observer)
         states, packed = {}, {}
-        for group, members in self.plan.by_group(weights):  # one group at a time
+        for group, members in self.plan.by_group(part):  # one group at a time
             scheme = group.scheme
-            part = {m: weights[m] for m in members}
+            mine = {m: weights[m] for m in members}
             if solver_of(group.method) == "gptq":
-                solved = self._gptq_states(part, scheme, watch.hessians, observer)
+                solved = self._gptq_states(mine, scheme, watch.hessians, observer)
             else:
-                solved = layer_states(part, scheme, self.plan.fused, observer, self.device)
+                solved = layer_states(mine, scheme, self.plan.fused, observer, self.device)
             states |= solved
             packed |= pack_states(solved, scheme, layout)
             if needs_calibration(scheme):
                 for name in members:
                     packed[name].update(self._input_params(name, watch, weights[name].dtype))
+        readable = self._decompressible(packed, states, layout)
         if self.one_pass:
             if attentions is not None:
-                packed.update(self.kv.scales(attentions, self.checkpoint_dtype))
-            self.runner.unload_layer(index)
+                packed.update(kv.scales(attentions, self.checkpoint_dtype))
         else:
-            readable = self._decompressible(packed, states, layout)
-            self._run_compressed(index, layer, packed, readable)
-        return packed
+            self._run_compressed(index, layer, packed, readable, kv)
+        return packed, readable
 
     def _gptq_states(
         self,
@@ -482,7 +555,9 @@ class StaticCalibration:
         self.report["smoothing"].setdefault("sites", {})
         return mappings
 
-    def _smooth(self, index, layer, weights, others, watch: _InputObserver, observer) -> None:
+    def _smooth(
+        self, index, layer, stage: Stage, weights, others, watch: _InputObserver, observer
+    ) -> None:
         """Choose and apply each mapping's scales, in order: `weights` and `others` (the
         checkpoint's tensors, written later) and the resident layer take the smoothed values,
         and the observed statistics become those of the smoothed inputs."""
@@ -493,7 +568,7 @@ class StaticCalibration:
         options, device = self.smoothing, self.device
         for mapping in self.mappings:
             members = [prefix + b for b in mapping.balance]
-            if smoother_of(self.plan.method_of(members[0])) is None:
+            if self.plan.group_of(members[0]).name not in stage.smooths:
                 continue  # its readers' group is not smoothed (several methods in one run)
             stats = watch.channels[members[0]]
             balance = [tensors[f"{b}.weight"].to(device, torch.float32) for b in mapping.balance]
@@ -573,9 +648,9 @@ class StaticCalibration:
             params["input_zero_point"] = zero_point.reshape(1)
         return params
 
-    def _run_compressed(self, index: int, layer, packed, readable) -> None:
-        """Run the layer as it will be served (dequantized weights, quantized inputs, and with
-        --kv-cache its keys and values in fp8), so the next layer sees its real inputs."""
+    def _load_compressed(self, readable) -> list:
+        """Give the resident layer's modules their weights as they will be served (dequantized)
+        and quantize their inputs as served; returns the input quantizers' hooks."""
         modules = self.runner.modules
         quantizers: dict[int, _InputQuantizer] = {}  # one per scheme's input arguments
         hooks = []
@@ -588,21 +663,26 @@ class StaticCalibration:
                 quantizer = quantizers.setdefault(
                     id(scheme), _InputQuantizer(scheme.input_activations)
                 )
-                params = {k: v for k, v in packed[name].items() if k.startswith("input_")}
+                params = {k: v for k, v in state.items() if k.startswith("input_")}
                 hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
+        return hooks
+
+    def _run_compressed(self, index: int, layer, packed, readable, kv) -> None:
+        """Run the layer as it will be served (dequantized weights, quantized inputs, and with
+        --kv-cache its keys and values in fp8), so the next layer sees its real inputs."""
+        hooks = self._load_compressed(readable)
         with _hooked(hooks):
-            if self.kv is not None:
+            if kv is not None:
                 # What the compressed layer caches: observed, then stored in fp8 as the next
                 # layer's inputs are computed.
                 prefix = f"{self.runner.source.layer_prefix}.{index}."
                 attentions = attention_modules(layer, prefix)
-                with _hooked(self.kv.observe(attentions)):
+                with _hooked(kv.observe(attentions)):
                     self.runner.forward_layer(index, update=False)
-                kv_scales = self.kv.scales(attentions, self.checkpoint_dtype)
-                hooks += self.kv.quantize(attentions, kv_scales)
+                kv_scales = kv.scales(attentions, self.checkpoint_dtype)
+                hooks += kv.quantize(attentions, kv_scales)
                 packed.update(kv_scales)  # by attention module: its k_scale and v_scale
             self.runner.forward_layer(index)
-        self.runner.unload_layer(index)
 
     def _decompressible(self, packed, states, layout):
         """`packed`, or for odd bit widths packed for another compressed-tensors (--packing),

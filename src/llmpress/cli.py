@@ -181,6 +181,13 @@ def main() -> None:
     "(default; two passes per layer) or the original model's (one pass, about half the time).",
 )
 @click.option(
+    "--independent",
+    is_flag=True,
+    default=None,
+    help="With several modifiers (AWQ or SmoothQuant, then GPTQ or quantization), calibrate "
+    "each on hidden states of its own, as one run per modifier would (default: one pass).",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue an interrupted calibrated run of this command from its last finished layer.",
@@ -219,6 +226,7 @@ def compress(
     actorder,
     offload_hessians,
     propagate,
+    independent,
     smoothing_strength,
     duo_scaling,
     awq_grid,
@@ -253,6 +261,7 @@ def compress(
         actorder=actorder,
         offload_hessians=offload_hessians or None,
         propagate=propagate,
+        independent=independent,
         smoothing_strength=smoothing_strength,
         duo_scaling=duo_scaling,
         awq_clip=awq_clip,

@@ -170,6 +170,10 @@ class CompressOptions(BaseModel):
     # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
     # pass itself: one pass per layer, about half the time, statistics of the original model).
     propagate: Literal["compressed", "original"] = "compressed"
+    # Several modifiers (AWQ or SmoothQuant, then the quantization modifier): each calibrated
+    # on its own hidden states, as one run per modifier would be, instead of all of them on
+    # one sequential pass (llm-compressor's "independent" pipeline; llmpress.calibrate.Stage).
+    independent: bool = False
 
     @model_validator(mode="after")
     def _one_scheme_source(self) -> CompressOptions:
@@ -266,6 +270,9 @@ class Plan:
         if self.mixed:
             raise LlmpressError("this step takes one scheme; the plan is mixed precision")
         return self.groups[0].scheme
+
+    def group_of(self, module: str) -> PlannedGroup:
+        return self._by_module[module]
 
     def scheme_of(self, module: str) -> QuantizationScheme:
         return self._by_module[module].scheme

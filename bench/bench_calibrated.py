@@ -26,7 +26,9 @@ spelled out, so the group size is the same), block size, damping and activation 
 the tool `rtn` (llmpress without calibration, round to nearest) gives the baseline to beat.
 With `--method awq` llm-compressor runs `AWQModifier` then `QuantizationModifier` (0.14's
 spelling), and with `--method smoothquant+gptq` `SmoothQuantModifier` then `GPTQModifier`;
-`--anchor-method gptq` runs its GPTQ instead, for AWQ on a CPU where its AWQ cannot run:
+`--anchor-method gptq` runs its GPTQ instead. Its AWQ pins cached activations for GPU copies,
+which fails on a machine without an accelerator; the worker skips that pinning there (it moves
+no number), so its AWQ runs on a CPU too:
 
     .venv/bin/python bench/bench_calibrated.py --method awq --anchor-method gptq --scheme W4A16 --group-size 64 --tools llmpress,oneshot,rtn
     .venv/bin/python bench/bench_calibrated.py --method smoothquant+gptq --scheme W8A8 --tools llmpress,oneshot,rtn
@@ -169,6 +171,13 @@ def work_oneshot(model_dir: str, out: str, ids_path: str, meta_path: str, recipe
         from llmcompressor.modifiers.transform import AWQModifier
 
         recipe.insert(0, AWQModifier(duo_scaling=True))
+        if not torch.accelerator.is_available():
+            # Its AWQ pins its cached activations for faster host-to-GPU copies, which torch
+            # refuses without an accelerator ("Cannot access accelerator device when none is
+            # available"). Pinning moves no number; skipping it lets its AWQ run on a CPU.
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
     seen: list[list[int]] = []
 

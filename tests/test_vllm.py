@@ -53,6 +53,12 @@ SERVED: dict[str, dict[str, Any]] = {
         num_samples=8,
         seq_len=128,
     ),
+    # Mixed precision (format "mixed-precision"): int8 down_proj, int4 in groups elsewhere.
+    "MIXED": dict(
+        recipe=Path(__file__).resolve().parents[1]
+        / "examples"
+        / "int8-down-proj-int4-elsewhere.yaml"
+    ),
 }
 # vLLM's greedy tokens scored by transformers on the same prefix (teacher-forced, so that one
 # near-tie does not derail the rest). Measured on 8 x 16 tokens: transformers' argmax is vLLM's
@@ -69,6 +75,7 @@ EXTRA_NLL = {
     "W8A8": 0.3,
     "FP8_DYNAMIC": 0.3,
     "W4A16-GPTQ": 1.5,
+    "MIXED": 1.5,
 }
 
 # The scheme class vLLM 0.32 builds for each preset, on an H100 (sm90).

@@ -88,8 +88,9 @@ def compress(
     `method="awq"` (weight-only schemes) and `"smoothquant"`/`"smoothquant+gptq"` (W8A8, FP8)
     smooth each layer first (`smoothing_strength`: SmoothQuant's α; `duo_scaling`, `awq_grid`,
     `awq_clip`: AWQ's scale terms, exponents tried and clipping search).
-    `propagate`: "compressed" (the default: each layer calibrates on the outputs of the
-    compressed layers before it) or "original" (on the original model's: one pass per layer).
+    `propagate`: "compressed" (each layer calibrates on the outputs of the compressed layers
+    before it; the default, but for AWQ) or "original" (on the original model's: one pass per
+    layer; AWQ's default, as AutoAWQ and llm-compressor calibrate it).
     `independent`: with several modifiers (AWQ or SmoothQuant, then quantization), calibrate
     each on its own hidden states, as one run per modifier would, not all in one pass.
     The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
@@ -212,7 +213,7 @@ def dry_run(
         # Passes per layer: observe inputs (static scales, Hessians), observe the KV cache,
         # run compressed; with propagate="original" the observing pass is the only one.
         # 2 flops per weight and token.
-        if options.propagate == "original":
+        if options.propagation == "original":
             passes = 1
         else:
             passes = 1 + (static or observed) + (plan.kv_cache is not None)
@@ -228,7 +229,7 @@ def dry_run(
             "samples": options.num_samples,
             "seq_len": options.seq_len,
             "seed": options.seed,
-            "propagate": options.propagate,
+            "propagate": options.propagation,
             "max_tokens": tokens,
             "activation_bytes": held,
             "activation_bytes_in_memory": activation_bytes,
@@ -320,7 +321,7 @@ def run(
                 compute=options.compute_dtype,
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
-                propagate=options.propagate,
+                propagate=options.propagation,
                 smoothing=smoothing_options(options),
                 stages=stages,
             )

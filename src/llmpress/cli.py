@@ -178,7 +178,8 @@ def main() -> None:
     type=click.Choice(["compressed", "original"]),
     default=None,
     help="What each layer calibrates on: the outputs of the compressed layers before it "
-    "(default; two passes per layer) or the original model's (one pass, about half the time).",
+    "(two passes per layer; the default but for AWQ) or the original model's (one pass, about "
+    "half the time; AWQ's default).",
 )
 @click.option(
     "--independent",

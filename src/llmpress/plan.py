@@ -169,7 +169,9 @@ class CompressOptions(BaseModel):
     # the next one sees what it will see when served; two passes per layer, as llm-compressor's
     # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
     # pass itself: one pass per layer, about half the time, statistics of the original model).
-    propagate: Literal["compressed", "original"] = "compressed"
+    # None: "original" for AWQ (as AutoAWQ and llm-compressor calibrate it: each layer on the
+    # unquantized model's activations), "compressed" otherwise (`propagation`).
+    propagate: Literal["compressed", "original"] | None = None
     # Several modifiers (AWQ or SmoothQuant, then the quantization modifier): each calibrated
     # on its own hidden states, as one run per modifier would be, instead of all of them on
     # one sequential pass (llm-compressor's "independent" pipeline; llmpress.calibrate.Stage).
@@ -199,6 +201,14 @@ class CompressOptions(BaseModel):
         if len(self.groups) == 1:
             return self.groups[0].label
         return " + ".join(f"{g.label} ({', '.join(g.targets)})" for g in self.groups)
+
+    @property
+    def propagation(self) -> str:
+        """What each layer calibrates on: `propagate`, or by default "original" where every
+        group is AWQ's, "compressed" otherwise."""
+        if self.propagate is not None:
+            return self.propagate
+        return "original" if set(self.methods) == {"awq"} else "compressed"
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -142,6 +143,15 @@ class ChannelStats:
         self.abs_sum = self.abs_sum / scale.double()
 
 
+@dataclass
+class _Input:
+    """One input tensor of a batch: its range, and the Hessians and statistics it was added to."""
+
+    ref: weakref.ref
+    range: tuple[torch.Tensor, torch.Tensor] | None = None
+    fed: dict = field(default_factory=dict)
+
+
 class _InputObserver:
     """What calibration needs of each watched module's first input, over every sample: the
     running min and max (static scales) and/or the Hessian mean(x xᵀ) (GPTQ). Modules handed
@@ -166,59 +176,66 @@ class _InputObserver:
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
         self.hessians: dict[str, Hessian] | None = {} if hessians else None
-        self._last: torch.Tensor | None = None
-        self._range: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fed: dict = {}  # Hessians (and channel statistics) this input was added to
+        self._inputs: dict[int, _Input] = {}  # this batch's inputs, by id
         self._unseen = set(names)
+
+    def _input(self, x: torch.Tensor) -> _Input:
+        """What this batch has done with tensor `x` so far: a tensor handed to several modules
+        (q/k/v, gate/up, every expert of a layer) is reduced once. Known by weak reference: a
+        freed tensor's id can be reused, and its entry then no longer matches."""
+        entry = self._inputs.get(id(x))
+        if entry is None or entry.ref() is not x:
+            entry = _Input(weakref.ref(x))
+            if self.ranges:
+                entry.range = (x.min().float().cpu(), x.max().float().cpu())
+            self._inputs[id(x)] = entry
+        return entry
 
     def hook(self, name: str):
         def observe(module, args):
             x = args[0]
-            if self._last is not x:
-                self._last, self._fed = x, {}
-                if self.ranges:
-                    self._range = (x.min().float().cpu(), x.max().float().cpu())
+            entry = self._input(x)
             if self.ranges:
-                lo, hi = self._range
+                lo, hi = entry.range
                 self.lo[name] = torch.minimum(self.lo[name], lo)
                 self.hi[name] = torch.maximum(self.hi[name], hi)
             if self.hessians is not None:
-                self._feed(name, x)
+                self._feed(name, x, entry.fed)
             if self.channels is not None:
-                self._feed_channels(name, x)
+                self._feed_channels(name, x, entry.fed)
             self._unseen.discard(name)
             if self.stop and not self._unseen:
                 raise StopLayer
 
         return observe
 
-    def _feed(self, name: str, x: torch.Tensor) -> None:
+    def _feed(self, name: str, x: torch.Tensor, fed: dict) -> None:
+        """`fed`: what `x` was added to in this batch."""
         hessian = self.hessians.get(name)
         if hessian is None:  # first batch: share the Hessian of a module given this tensor
-            shared = next((h for h in self._fed.values() if isinstance(h, Hessian)), None)
+            shared = fed.get("hessian")
             hessian = shared if shared is not None else Hessian(x.shape[-1], x.device, self.offload)
             self.hessians[name] = hessian
-        if id(hessian) not in self._fed:
+        if id(hessian) not in fed:
             hessian.add(x)
-            self._fed[id(hessian)] = hessian
+            fed[id(hessian)] = fed["hessian"] = hessian
 
-    def _feed_channels(self, name: str, x: torch.Tensor) -> None:
+    def _feed_channels(self, name: str, x: torch.Tensor, fed: dict) -> None:
         stats = self.channels.get(name)
         if stats is None:  # first batch: share the statistics of a module given this tensor
-            stats = self._fed.get(("channels", id(x)))
+            stats = fed.get("channels")
             if stats is None:
                 stats = ChannelStats(x.shape[-1], x.device)
             self.channels[name] = stats
-        if ("channels", id(stats)) not in self._fed:
+        if ("channels", id(stats)) not in fed:
             stats.add(x)
-            self._fed[("channels", id(stats))] = stats
-            self._fed[("channels", id(x))] = stats
+            fed[("channels", id(stats))] = fed["channels"] = stats
 
     def start(self, layer, args) -> None:
         """A pre-hook on the layer: a batch begins, every module is still to be seen (a
         module that runs for some batches only, as an unrouted expert, never cuts one short)."""
         self._unseen = set(self.lo)
-        self._last, self._range, self._fed = None, None, {}
+        self._inputs = {}
 
     def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lo = torch.stack([self.lo[m] for m in members]).min()
@@ -596,8 +613,10 @@ class StaticCalibration:
             apply_scale(mapping, scale, tensors)
             columns = mapping.expand(scale)
             stats.divide(columns)
-            if watch.hessians is not None and members[0] in watch.hessians:
-                watch.hessians[members[0]].divide(columns)
+            if watch.hessians is not None:  # each its own object where experts read copies
+                held = (watch.hessians[m] for m in members if m in watch.hessians)
+                for hessian in {id(h): h for h in held}.values():
+                    hessian.divide(columns)
             if self.static:
                 for m in members:
                     watch.lo[m], watch.hi[m] = stats.lo.min().cpu(), stats.hi.max().cpu()

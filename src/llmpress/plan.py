@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from llmpress.errors import LlmpressError
+from llmpress.experts import routers
 from llmpress.kvcache import attention_modules, kv_cache_args
 from llmpress.packing import installed_layout
 from llmpress.schemes import build_scheme
@@ -43,7 +44,7 @@ DEFAULT_TARGETS = ("Linear",)
 DEFAULT_IGNORE = ("lm_head",)
 
 # Modules vLLM fuses into one GEMM: they must share NVFP4's global scale.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,11 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
         and is_match(n, m, targets)
         and not _matches_any(n, m, options.ignore)
     )
-    ignored = tuple(n for n in selected if n not in chosen) + others
+    # Mixture-of-experts routers stay in 16 bits; readers that take them for Linears (vLLM)
+    # must find them ignored.
+    ignored = (
+        tuple(n for n in selected if n not in chosen) + others + tuple(routers(source.modules))
+    )
     if not chosen:
         raise LlmpressError("every targeted layer is ignored; nothing would be quantized")
     missing = [n for n in chosen if f"{n}.weight" not in source.tensor_files]

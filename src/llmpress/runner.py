@@ -177,7 +177,7 @@ class LayerRunner:
         self.cache = cache if cache is not None else ActivationCache()
         self.batches: list[Batch] = []
         with parameters_on_meta():
-            self.model = build_model(source.config).eval()
+            self.model = build_model(source.config, source.tensor_entries).eval()
         self.modules = dict(self.model.named_modules())
         self.layers: nn.ModuleList = self.modules[source.layer_prefix]
         self._materialize_outside_layers()

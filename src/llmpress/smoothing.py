@@ -22,6 +22,7 @@ their offset.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,7 +64,9 @@ class Mapping:
     `rows`: the smooth Linear's rows that feed the balance input (a fused projection's part),
     None for a norm or a whole Linear; `index`: for each balance input column, the smooth
     channel that feeds it (None: one to one; grouped-query v -> o repeats channels);
-    `offset`: 1 for norms that scale by (1 + w)."""
+    `offset`: 1 for norms that scale by (1 + w); `passengers`: modules that also read the
+    smooth side's output through a weight of their own (a mixture-of-experts router), scaled
+    with the balance Linears but neither quantized nor searched."""
 
     smooth: str
     balance: tuple[str, ...]
@@ -71,10 +74,11 @@ class Mapping:
     rows: tuple[int, int] | None = None
     index: torch.Tensor | None = field(default=None, compare=False)
     offset: float = 0.0
+    passengers: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return f"{self.smooth} -> {'/'.join(self.balance)}"
+        return f"{self.smooth} -> {'/'.join(_abridged(self.balance))}"
 
     def channels(self, balance_columns: int) -> int:
         """How many channels the scale has."""
@@ -128,14 +132,14 @@ def apply_scale(mapping: Mapping, scale: torch.Tensor, tensors: Tensors) -> None
             value[start:stop] = part / (scale.reshape(-1, 1) if part.ndim == 2 else scale)
             put(key, value)
     columns = mapping.expand(scale)
-    for name in mapping.balance:
+    for name in (*mapping.balance, *mapping.passengers):
         key = f"{name}.weight"
         put(key, tensors[key].to(torch.float32).to(scale.device) * columns)
 
 
 def module_tensors(layer: nn.Module, mapping: Mapping) -> Tensors:
     """The layer's parameters a mapping touches, by relative name."""
-    names = [mapping.smooth, *mapping.balance]
+    names = [mapping.smooth, *mapping.balance, *mapping.passengers]
     out = {}
     for name in names:
         module = layer.get_submodule(name)
@@ -183,7 +187,7 @@ def infer_mappings(
     modules = dict(layer.named_modules())
     # In module order, so that the sites (and the output bytes) are the same on every run.
     norms = [n for n, m in modules.items() if n and is_norm(m)]
-    readers = _readers_of_norms(layer, modules, norms, run)
+    readers, passengers = _readers_of_norms(layer, modules, norms, run)
     candidates: list[Mapping] = []
     skipped: list[str] = []
     for norm_name, linears in readers.items():
@@ -195,7 +199,8 @@ def infer_mappings(
             skipped.append(f"{norm_name}: also read by unquantized {', '.join(left)}")
             continue
         offset = _norm_offset(modules[norm_name])
-        candidates.append(Mapping(norm_name, chosen, norm=True, offset=offset))
+        riders = tuple(passengers.get(norm_name, ()))
+        candidates.append(Mapping(norm_name, chosen, True, offset=offset, passengers=riders))
     candidates += _linear_pairs(modules, balance, head_dim, skipped)
     reference = run().detach().clone()
     kept = []
@@ -208,39 +213,60 @@ def infer_mappings(
     return Inferred(kept, skipped)
 
 
-def _readers_of_norms(layer, modules, norms, run) -> dict[str, list[str]]:
-    """Which Linears read each norm's output tensor itself, seen on one forward."""
-    # The outputs themselves are held for the forward: a freed tensor's id can be reused.
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
+def _readers_of_norms(layer, modules, norms, run) -> tuple[dict, dict]:
+    """Which Linears read each norm's output, itself or a view of it (a mixture-of-experts
+    block flattens it for its router and experts), seen on one forward; and which other
+    modules read it through a 2-D weight of their own (a router: `passengers`)."""
+    # The outputs themselves are held for the forward, so no other tensor can take their
+    # memory: a view of the same size from the same address is the output, reshaped.
+    produced: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
     readers: dict[str, list[str]] = {n: [] for n in norms}
+    passengers: dict[str, list[str]] = {n: [] for n in norms}
     hooks = []
+
+    def key(tensor: torch.Tensor) -> tuple[int, int]:
+        return tensor.data_ptr(), tensor.numel()
 
     def remember(name):
         def hook(module, args, output):
-            produced[id(output)] = (name, output)
+            if isinstance(output, torch.Tensor):
+                produced[key(output)] = (name, output)
 
         return hook
 
-    def reader(name):
+    def reader(name, found):
         def hook(module, args):
-            source, _ = produced.get(id(args[0]), (None, None))
-            if source is not None and name not in readers[source]:
-                readers[source].append(name)
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            source, _ = produced.get(key(args[0]), (None, None))
+            if source is not None and name not in found[source]:
+                found[source].append(name)
 
         return hook
 
     for name in norms:
         hooks.append(modules[name].register_forward_hook(remember(name)))
     for name, module in modules.items():
+        weight = module._parameters.get("weight")
         if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(reader(name)))
+            hooks.append(module.register_forward_pre_hook(reader(name, readers)))
+        elif weight is not None and weight.ndim == 2 and not is_norm(module):
+            hooks.append(module.register_forward_pre_hook(reader(name, passengers)))
     try:
         run()
     finally:
         for hook in hooks:
             hook.remove()
         produced.clear()
-    return {n: r for n, r in readers.items() if r}
+    return {n: r for n, r in readers.items() if r}, passengers
+
+
+def _abridged(names: tuple[str, ...]) -> list[str]:
+    """Names for messages, a layer's experts folded: mlp.experts.*.gate_proj (x 64)."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        out.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+    return [f"{g} (x {len(n)})" if len(n) > 1 else n[0] for g, n in out.items()]
 
 
 def _norm_offset(norm: nn.Module) -> float:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from llmpress.errors import LlmpressError, first_line
+from llmpress.experts import unfuse_experts
 
 # Files copied unchanged from the input: tokenizer, chat template, generation settings.
 PASSTHROUGH_FILES = re.compile(
@@ -100,7 +101,7 @@ class ModelSource:
         tensor_files, tensor_entries = _index_tensors(path)
         with torch.device("meta"):
             try:
-                tree = build_model(config)
+                tree = build_model(config, tensor_entries)
             except Exception as exc:
                 raise LlmpressError(
                     f"transformers cannot build {model_class(config).__name__} from "
@@ -197,12 +198,16 @@ def model_class(config: PretrainedConfig) -> type:
     return AutoModelForCausalLM
 
 
-def build_model(config: PretrainedConfig) -> torch.nn.Module:
-    """`model_class(config)` built from the config (on the current default device)."""
+def build_model(config: PretrainedConfig, tensor_names=None) -> torch.nn.Module:
+    """`model_class(config)` built from the config (on the current default device); with the
+    checkpoint's `tensor_names`, fused mixture-of-experts modules are rebuilt with one Linear
+    per expert projection, as the checkpoint names them (llmpress.experts)."""
     cls = model_class(config)
-    if cls is AutoModelForCausalLM:
-        return cls.from_config(config)
-    return cls._from_config(config)  # what every Auto*.from_config calls once it has the class
+    # _from_config: what every Auto*.from_config calls once it has the class
+    model = cls.from_config(config) if cls is AutoModelForCausalLM else cls._from_config(config)
+    if tensor_names is not None:
+        unfuse_experts(model, tensor_names)
+    return model
 
 
 def _quant_method(config: PretrainedConfig) -> str:
@@ -270,9 +275,12 @@ def _index_tensors(path: Path) -> tuple[dict[str, Path], dict[str, TensorEntry]]
 
 
 def _decoder_layers(modules: dict[str, torch.nn.Module]) -> tuple[str | None, int]:
-    """The ModuleList holding the decoder layers: the longest one in the model."""
+    """The ModuleList holding the decoder layers: the longest one in the model that is not
+    inside another (a layer's experts are one, and often outnumber the layers)."""
+    lists = [n for n, m in modules.items() if isinstance(m, torch.nn.ModuleList)]
     best: tuple[str | None, int] = (None, 0)
-    for name, module in modules.items():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > best[1]:
-            best = (name, len(module))
+    for name in lists:
+        inside = any(name.startswith(f"{other}.") for other in lists if other)
+        if not inside and len(modules[name]) > best[1]:
+            best = (name, len(modules[name]))
     return best

@@ -213,16 +213,14 @@ def dry_run(
         # Passes per layer: observe inputs (static scales, Hessians), observe the KV cache,
         # run compressed; with propagate="original" the observing pass is the only one.
         # 2 flops per weight and token.
-        if options.propagation == "original":
-            passes = 1
-        else:
-            passes = 1 + (static or observed) + (plan.kv_cache is not None)
-        stages = len(stages_of(plan, options.independent))  # each with its own passes
-        seconds += stages * passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
+        stages = stages_of(plan, options.independent, options.propagate)  # each its own passes
+        two_pass = 1 + (static or observed) + (plan.kv_cache is not None)
+        passes = sum(1 if stage.one_pass else two_pass for stage in stages)
+        seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
         # Hidden states in the compute dtype, two generations, of each stage.
-        held = 2 * stages * tokens * hidden * dtype.itemsize
+        held = 2 * len(stages) * tokens * hidden * dtype.itemsize
         activation_bytes = held if max_memory is None else min(held, max_memory)
         calibration = {
             "dataset": options.dataset,
@@ -302,7 +300,7 @@ def run(
         if calibration is not None:
             from llmpress.calibrate import StaticCalibration, stages_of
 
-            stages = stages_of(plan, options.independent)
+            stages = stages_of(plan, options.independent, options.propagate)
             spill = partial_dir(output) / RESUME_DIR / "activations"
             # Each stage's hidden states apart, the memory budget shared out between them.
             budget = None if max_memory is None else max_memory // len(stages)
@@ -321,7 +319,6 @@ def run(
                 compute=options.compute_dtype,
                 gptq=gptq_options(options),
                 offload_hessians=options.offload_hessians,
-                propagate=options.propagation,
                 smoothing=smoothing_options(options),
                 stages=stages,
             )

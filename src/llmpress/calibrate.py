@@ -70,29 +70,40 @@ def needs_calibration(scheme: QuantizationScheme) -> bool:
 @dataclass(frozen=True)
 class Stage:
     """One modifier's part of each layer's work: the groups whose smoothing sites it smooths
-    and the groups it quantizes (by config group name)."""
+    and the groups it quantizes (by config group name); `one_pass`: its next layer calibrates
+    on the outputs of its observing pass (propagate "original"), not of a compressed pass."""
 
     smooths: frozenset[str]
     quantizes: frozenset[str]
+    one_pass: bool = False
 
 
-def stages_of(plan: Plan, independent: bool) -> list[Stage]:
+def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> list[Stage]:
     """The stages of a calibrated run. By default one: each layer is observed once and every
     modifier works on it. `independent`: one stage per modifier, in recipe order (the
     smoothing modifier, then the quantization modifier), each calibrated on its own hidden
     states, as separate runs would be: a stage sees the modules of the stages before it
-    compressed, and those of the stages after it original."""
+    compressed, and those of the stages after it original. `propagate`: every stage's, or
+    None for each stage's default, as its run alone would take it ("original" for AWQ;
+    `CompressOptions.propagation`)."""
     every = frozenset(g.name for g in plan.groups)
     smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
+
+    def one_pass(quantizes: frozenset[str]) -> bool:
+        if propagate is not None:
+            return propagate == "original"
+        # AWQ's default; a stage that only smooths keeps the function: one pass is the same
+        return all(g.method == "awq" for g in plan.groups if g.name in quantizes)
+
     if not independent:
-        return [Stage(smoothed, every)]
+        return [Stage(smoothed, every, one_pass(every))]
     stages = []
     if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
         rounded = frozenset(g.name for g in plan.groups if smoother_of(g.method) == "awq")
-        stages.append(Stage(smoothed, rounded))
+        stages.append(Stage(smoothed, rounded, one_pass(rounded)))
     rest = every - (stages[0].quantizes if stages else frozenset())
     if rest:
-        stages.append(Stage(frozenset(), rest))
+        stages.append(Stage(frozenset(), rest, one_pass(rest)))
     return stages
 
 
@@ -334,7 +345,7 @@ class StaticCalibration:
         resumed: bool = False,
         gptq: GPTQOptions | None = None,
         offload_hessians: bool = False,
-        propagate: str = "compressed",
+        propagate: str | None = None,
         smoothing: SmoothingOptions | None = None,
         compute: str = "auto",
         stages: list[Stage] | None = None,
@@ -358,7 +369,7 @@ class StaticCalibration:
         self.kv = KVCacheCalibration(plan.kv_cache) if plan.kv_cache is not None else None
         self.checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(device, self.checkpoint_dtype, compute)
-        self.stages = stages if stages is not None else stages_of(plan, independent=False)
+        self.stages = stages if stages is not None else stages_of(plan, False, propagate)
         self.caches = caches if caches is not None else [ActivationCache()]
         if len(self.caches) != len(self.stages):
             raise ValueError(f"{len(self.stages)} stages need as many caches")
@@ -371,7 +382,6 @@ class StaticCalibration:
                 cache.advance()
         self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
         self.offload_hessians = offload_hessians
-        self.one_pass = propagate == "original"
         self.smoothing = smoothing
         self.mappings: list[Mapping] | None = None  # inferred on the first layer run
         # For the manifest: GPTQ's report per module, smoothing's per site and layer.
@@ -437,7 +447,7 @@ class StaticCalibration:
                 hessians=gptq or awq,
                 device=self.device,
                 offload=self.offload_hessians,
-                stop=not self.one_pass,
+                stop=not stage.one_pass,
                 channels=bool(stage.smooths),
             )
             hooks = [
@@ -445,13 +455,13 @@ class StaticCalibration:
             ]
             hooks.append(layer.register_forward_pre_hook(watch.start))
         attentions = None
-        if self.one_pass and kv is not None:
+        if stage.one_pass and kv is not None:
             attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")
             hooks += kv.observe(attentions)
         if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
             with _hooked(hooks):
-                self.runner.forward_layer(index, update=self.one_pass)
-        elif self.one_pass:
+                self.runner.forward_layer(index, update=stage.one_pass)
+        elif stage.one_pass:
             self.runner.forward_layer(index)
         if stage.smooths:
             self._smooth(index, layer, stage, weights, others, watch, observer)
@@ -469,7 +479,7 @@ class StaticCalibration:
                 for name in members:
                     packed[name].update(self._input_params(name, watch, weights[name].dtype))
         readable = self._decompressible(packed, states, layout)
-        if self.one_pass:
+        if stage.one_pass:
             if attentions is not None:
                 packed.update(kv.scales(attentions, self.checkpoint_dtype))
         else:

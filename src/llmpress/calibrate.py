@@ -46,7 +46,7 @@ from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
-from llmpress.plan import Plan, smoother_of, solver_of
+from llmpress.plan import Plan, default_propagation, smoother_of, solver_of
 from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
 from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
@@ -90,10 +90,10 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
     smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
 
     def one_pass(quantizes: frozenset[str]) -> bool:
-        if propagate is not None:
-            return propagate == "original"
-        # AWQ's default; a stage that only smooths keeps the function: one pass is the same
-        return all(g.method == "awq" for g in plan.groups if g.name in quantizes)
+        if not quantizes:  # it only smooths, keeping the function: one pass gives the same
+            return propagate != "compressed"
+        methods = [g.method for g in plan.groups if g.name in quantizes]
+        return (propagate or default_propagation(methods)) == "original"
 
     if not independent:
         return [Stage(smoothed, every, one_pass(every))]

@@ -207,9 +207,7 @@ class CompressOptions(BaseModel):
     def propagation(self) -> str:
         """What each layer calibrates on: `propagate`, or by default "original" where every
         group is AWQ's, "compressed" otherwise."""
-        if self.propagate is not None:
-            return self.propagate
-        return "original" if set(self.methods) == {"awq"} else "compressed"
+        return self.propagate or default_propagation(self.methods)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -318,6 +316,13 @@ class Plan:
             numel = source.modules[name].weight.numel()
             shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
         return source.total_bytes - shrink
+
+
+def default_propagation(methods) -> str:
+    """What layers calibrate on when `--propagate` is not given, for groups of these methods:
+    the original model's outputs for AWQ alone (as AutoAWQ and llm-compressor run it), the
+    compressed layers' otherwise."""
+    return "original" if set(methods) == {"awq"} else "compressed"
 
 
 def solver_of(method: str) -> str:

@@ -53,6 +53,25 @@ SERVED: dict[str, dict[str, Any]] = {
         num_samples=8,
         seq_len=128,
     ),
+    # 2:4 sparse by SparseGPT, pruned and quantized in one solve, stored dense with zeros
+    # (vLLM reads sparsity_config without targets; it refuses sparse formats).
+    "SPARSE24-FP8_DYNAMIC": dict(
+        scheme="FP8_DYNAMIC",
+        method="sparsegpt",
+        mask="2:4",
+        dataset="pydoc-calibration",
+        num_samples=8,
+        seq_len=128,
+    ),
+    "SPARSE24-W4A16": dict(
+        scheme="W4A16",
+        group_size=64,
+        method="sparsegpt",
+        mask="2:4",
+        dataset="pydoc-calibration",
+        num_samples=8,
+        seq_len=128,
+    ),
     # Mixed precision (format "mixed-precision"): int8 weights and dynamic int8 activations
     # on down_proj, int4 weights in groups elsewhere. (vLLM's CPU build has no kernel for
     # 8-bit weight-only layers, as examples/int8-down-proj-int4-elsewhere.yaml makes them.)
@@ -79,6 +98,8 @@ EXTRA_NLL = {
     "FP8_DYNAMIC": 0.3,
     "W4A16-GPTQ": 1.5,
     "MIXED": 1.5,
+    "SPARSE24-FP8_DYNAMIC": 3.0,
+    "SPARSE24-W4A16": 3.0,
 }
 
 # The scheme class vLLM 0.32 builds for each preset, on an H100 (sm90).

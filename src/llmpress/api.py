@@ -76,6 +76,10 @@ def compress(
     duo_scaling: bool | None = None,
     awq_clip: bool | None = None,
     awq_grid: int | None = None,
+    sparsity: float | list[float] | None = None,
+    mask: str | None = None,
+    sparsity_targets: list[str] | None = None,
+    sparsity_ignore: list[str] | None = None,
 ) -> CompressResult:
     """Compress MODEL into a compressed-tensors checkpoint at OUTPUT, by a preset `scheme`,
     an llm-compressor `recipe` (a YAML file or text, or its parsed mapping), or mixed-precision
@@ -93,6 +97,11 @@ def compress(
     layer; AWQ's default, as AutoAWQ and llm-compressor calibrate it).
     `independent`: with several modifiers (AWQ or SmoothQuant, then quantization), calibrate
     each on its own hidden states, as one run per modifier would, not all in one pass.
+    Pruning: `method="sparsegpt"`, `"wanda"` or `"magnitude"` (with or without a `scheme`;
+    "wanda+gptq" or "magnitude+gptq" quantize by GPTQ after the mask; SparseGPT always solves
+    pruning and quantization together) zeroes `sparsity` of each weight (default 0.5; a list:
+    one per decoder layer) in the `mask` structure ("unstructured" or "N:M", e.g. "2:4"), in
+    the modules `sparsity_targets` / `sparsity_ignore` select (default: the run's).
     The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of
     calibration activations held in memory. `kv_cache` ("fp8", "fp8-head") adds FP8 KV-cache
     scales calibrated on `dataset`.
@@ -125,6 +134,10 @@ def compress(
         duo_scaling=duo_scaling,
         awq_clip=awq_clip,
         awq_grid=awq_grid,
+        sparsity=sparsity,
+        mask=mask,
+        sparsity_targets=sparsity_targets,
+        sparsity_ignore=sparsity_ignore,
     )
     return run(
         model,
@@ -140,9 +153,12 @@ def compress(
 def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptions:
     """Options from keyword arguments (None: the default) and/or a recipe (llmpress.recipe),
     with one-line validation errors."""
-    for key in ("targets", "ignore", "groups"):
+    for key in ("targets", "ignore", "groups", "sparsity_targets", "sparsity_ignore"):
         if fields.get(key) is not None:
             fields[key] = tuple(fields[key])
+    if isinstance(fields.get("sparsity"), list):
+        fields["sparsity"] = tuple(fields["sparsity"])
+    _split_pruner(fields)
     if recipe is not None:
         from llmpress.recipe import read_recipe
 
@@ -155,14 +171,33 @@ def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptio
             raise LlmpressError(f"{flag} is set by the recipe too; drop one of the two")
         fields.update(from_recipe)
         scheme = fields.pop("scheme", None)
-    elif scheme is None and not fields.get("groups"):
-        raise LlmpressError("give a scheme (e.g. W4A16; `llmpress schemes` lists them) or a recipe")
+    elif scheme is None and not fields.get("groups") and not fields.get("prune"):
+        raise LlmpressError(
+            "give a scheme (e.g. W4A16; `llmpress schemes` lists them), a pruning method "
+            "(--method sparsegpt, wanda or magnitude) or a recipe"
+        )
     try:
         return CompressOptions(scheme=scheme, **{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "options"
         raise LlmpressError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _split_pruner(fields: dict) -> None:
+    """`method` "sparsegpt", "wanda", "magnitude" (or "wanda+gptq"...): the pruning method,
+    and what quantizes after it (round to nearest unless named)."""
+    from llmpress.sparsity import PRUNERS
+
+    method = fields.get("method")
+    if method is None:
+        return
+    first, _, rest = str(method).partition("+")
+    if first in PRUNERS:
+        if fields.get("prune") is not None:
+            raise LlmpressError("the pruning method is given twice")
+        fields["prune"] = first
+        fields["method"] = rest or None
 
 
 # What a run holds besides its two resident layer groups: interpreter, torch, transformers and
@@ -198,9 +233,11 @@ def dry_run(
     calibration = None
     activation_bytes = 0
     static = any(needs_calibration(g.scheme) for g in plan.groups)
-    # GPTQ, AWQ or SmoothQuant observe the layers' inputs
-    observed = any(m != "rtn" for m in options.methods)
-    if static or observed or plan.kv_cache is not None:
+    # GPTQ, AWQ, SmoothQuant, SparseGPT or Wanda observe the layers' inputs
+    observed = any(m != "rtn" for m in options.methods) or (
+        plan.sparsity is not None and plan.sparsity.needs_data
+    )
+    if needs_data(plan, options):
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
         hidden = getattr(source.config, "hidden_size", 0)
@@ -236,10 +273,13 @@ def dry_run(
         "model": str(source.path),
         "scheme": options.label,
         "kv_cache": options.kv_cache,
-        "algorithm": " / ".join(dict.fromkeys(options.methods))
+        "algorithm": " / ".join(
+            ([options.prune] if options.prune else []) + list(dict.fromkeys(options.methods))
+        )
         + (" + static activation scales" if static else ""),
         "observer": options.observer,
-        "quantized_modules": len(plan.modules),
+        "quantized_modules": sum(plan.quantized(m) for m in plan.modules),
+        "pruned_modules": len(plan.sparsity.modules) if plan.sparsity else 0,
         "modules_by_kind": kinds,
         "left_alone": list(plan.ignored),
         "input_bytes": source.total_bytes,
@@ -324,9 +364,12 @@ def run(
             )
             if record is not None:
                 for section, entries in record.get("report", {}).items():
-                    calibrated.report[section].update(entries)
+                    calibrated.report.setdefault(section, {}).update(entries)
+        pruned: dict[str, float] = {}  # data-free runs: each pruned module's zeros
         try:
-            _write_tensors(source, plan, options, writer, progress, calibrated, journal, record)
+            _write_tensors(
+                source, plan, options, writer, progress, calibrated, journal, record, pruned
+            )
         except KeyboardInterrupt:
             keep_partial = journal is not None and journal.load() is not None
             if keep_partial:
@@ -339,8 +382,14 @@ def run(
         finally:
             if calibrated is not None:
                 calibrated.close()
+        if calibrated is not None:
+            pruned = calibrated.report.pop("sparsity", {})
+        sparsity = sparsity_report(source, plan, pruned) if plan.sparsity else None
         config = _raw_config(source)
-        config["quantization_config"] = quantization_config(plan, options.layout)
+        if plan.groups or plan.kv_cache is not None:
+            config["quantization_config"] = quantization_config(plan, options.layout, sparsity)
+        # Pruned only: a plain dense model, which every reader loads (transformers refuses a
+        # compressed-tensors config without config groups); the manifest tells the sparsity.
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
         shards = writer.finish(config, source.passthrough_files(), extra)
         manifest = _manifest(source, plan, options, shards)
@@ -348,6 +397,8 @@ def run(
             manifest["calibration"] = calibration.to_json()
         if calibrated is not None:
             manifest.update((k, v) for k, v in calibrated.report.items() if v)
+        if sparsity is not None:
+            manifest["sparsity"] = sparsity
         writer.commit(manifest, force)
     except BaseException:
         if not keep_partial:
@@ -355,8 +406,30 @@ def run(
         raise
     out_bytes = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     return CompressResult(
-        output, source.total_bytes, out_bytes, time.perf_counter() - start, len(plan.modules)
+        output,
+        source.total_bytes,
+        out_bytes,
+        time.perf_counter() - start,
+        sum(plan.quantized(m) for m in plan.modules),
     )
+
+
+def sparsity_report(source: ModelSource, plan: Plan, achieved: dict[str, float]) -> dict:
+    """The manifest's account of the pruning: method, structure, and each pruned module's
+    target and achieved fraction of zeros, with their average over all pruned weights."""
+    sizes = {n: source.modules[n].weight.numel() for n in plan.sparsity.modules}
+    missing = [n for n in sizes if n not in achieved]
+    if missing:
+        raise LlmpressError(f"internal: {missing[0]} was planned for pruning but not pruned")
+    total = sum(sizes.values())
+    return {
+        "method": plan.sparsity.method,
+        "structure": plan.sparsity.structure.label,
+        "global_sparsity": round(sum(achieved[n] * sizes[n] for n in sizes) / total, 6),
+        "modules": {
+            n: {"target": plan.sparsity.modules[n], "achieved": achieved[n]} for n in sizes
+        },
+    }
 
 
 # Unquantized tensors larger than this (embeddings, the output head) are copied through in
@@ -375,7 +448,7 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
 
 def gptq_options(options: CompressOptions):
     """GPTQ's settings from the run's options, or None when weights are rounded to nearest."""
-    if options.solver != "gptq":
+    if options.solver != "gptq" and options.prune != "sparsegpt":
         return None
     from llmpress.gptq import GPTQOptions
 
@@ -399,6 +472,16 @@ def smoothing_options(options: CompressOptions):
 
 def _require_dataset(options: CompressOptions) -> None:
     if options.dataset is None:
+        if options.prune in ("sparsegpt", "wanda"):
+            what = (
+                "SparseGPT prunes by the Hessians of the layers' inputs"
+                if options.prune == "sparsegpt"
+                else "Wanda prunes by the norms of the layers' inputs"
+            )
+            raise LlmpressError(
+                f"{what}, computed from calibration text: give --dataset (e.g. "
+                "pydoc-calibration, or a .txt/.jsonl file), or prune by --method magnitude"
+            )
         if options.smoother == "awq":
             what = "AWQ searches its scales on the layers' inputs"
         elif options.smoother == "smoothquant":
@@ -417,12 +500,20 @@ def _require_dataset(options: CompressOptions) -> None:
         )
 
 
-def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
-    """The calibration samples a static-activation scheme needs, or None."""
+def needs_data(plan: Plan, options: CompressOptions) -> bool:
+    """Whether the run calibrates on text: static activation scales, the KV cache, GPTQ, AWQ,
+    SmoothQuant, SparseGPT or Wanda; round to nearest and magnitude pruning need none."""
     from llmpress.calibrate import needs_calibration
 
     static = any(needs_calibration(g.scheme) for g in plan.groups)
-    if not static and plan.kv_cache is None and set(options.methods) == {"rtn"}:
+    pruning = plan.sparsity is not None and plan.sparsity.needs_data
+    return static or pruning or plan.kv_cache is not None or bool(set(options.methods) - {"rtn"})
+
+
+def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
+    """The calibration samples a static-activation scheme needs, or None."""
+
+    if not needs_data(plan, options):
         return None
     _require_dataset(options)
     from transformers import AutoTokenizer
@@ -458,8 +549,10 @@ def _write_tensors(
     calibrated=None,
     journal: Journal | None = None,
     record: dict | None = None,
+    pruned: dict[str, float] | None = None,
 ) -> None:
-    """One group (a decoder layer, or one loose tensor) in work at a time.
+    """One group (a decoder layer, or one loose tensor) in work at a time. `pruned`: where
+    a data-free run records each module it prunes (by magnitude) and the zeros it has.
 
     The next group is read in a background thread while this one is quantized (file reads
     release the GIL), so disk and arithmetic overlap; at most two groups are resident.
@@ -505,6 +598,8 @@ def _write_tensors(
                     )
                 elif to_quantize:
                     packed = {}
+                    if plan.sparsity is not None:
+                        packed |= _prune_by_magnitude(to_quantize, plan, pruned)
                     for scheme, modules in plan.by_scheme(to_quantize):
                         packed |= compress_layer(
                             {m: to_quantize[m] for m in modules},
@@ -514,6 +609,8 @@ def _write_tensors(
                             options.device,
                             options.layout,
                         )
+                if packed and plan.sparsity is not None and calibrated is None:
+                    _record_served_zeros(packed, plan, options, pruned)
                 if packed:
                     tensors.update(
                         (f"{module}.{k}", v)
@@ -530,6 +627,37 @@ def _write_tensors(
                     i + 1, layers_done, calibrated.generation, writer.state(), calibrated.report
                 )
     bar.close()
+
+
+def _prune_by_magnitude(weights: dict, plan: Plan, pruned: dict[str, float]) -> dict:
+    """Magnitude pruning of a data-free run, in place in `weights`; returns the stored
+    tensors of the modules only pruned (dense), and records each one's zeros in `pruned`."""
+    from llmpress.sparsity import magnitude_mask, zero_fraction
+
+    stored = {}
+    for name, weight in weights.items():
+        if not plan.pruned(name):
+            continue
+        check_finite(f"{name}.weight", weight)
+        mask = magnitude_mask(weight, plan.sparsity.modules[name], plan.sparsity.structure)
+        weights[name] = weight = weight.masked_fill(mask, 0)
+        pruned[name] = round(zero_fraction(weight), 6)  # `_record_served_zeros` may add some
+        if not plan.quantized(name):
+            stored[name] = {"weight": weight}
+    return stored
+
+
+def _record_served_zeros(packed: dict, plan: Plan, options: CompressOptions, pruned: dict):
+    """Each quantized pruned module's zeros as readers reconstruct its weight (rounding may
+    add some to the pruned ones), where the installed compressed-tensors reads the layout."""
+    from llmpress.calibrate import served_zeros
+    from llmpress.packing import installed_layout
+
+    if options.layout != installed_layout():
+        return
+    for name, state in packed.items():
+        if plan.pruned(name) and plan.quantized(name):
+            pruned[name] = served_zeros(state, plan.scheme_of(name))
 
 
 def _copy_through(source: ModelSource, name: str, writer: CheckpointWriter) -> None:

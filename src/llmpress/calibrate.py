@@ -43,7 +43,7 @@ from llmpress.activations import ActivationCache
 from llmpress.awq import clip_search, search_scale
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
-from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize
+from llmpress.gptq import GPTQOptions, Hessian, Pruning, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import Plan, default_propagation, smoother_of, solver_of
@@ -52,6 +52,7 @@ from llmpress.runner import LayerRunner, StopLayer
 from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
 from llmpress.smoothquant import smoothing_scale
 from llmpress.source import ModelSource
+from llmpress.sparsity import magnitude_mask, wanda_mask, zero_fraction
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,16 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
     every = frozenset(g.name for g in plan.groups)
     smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
 
-    def one_pass(quantizes: frozenset[str]) -> bool:
-        if not quantizes:  # it only smooths, keeping the function: one pass gives the same
-            return propagate != "compressed"
+    def one_pass(quantizes: frozenset[str], prunes: bool = False) -> bool:
+        if not quantizes and not prunes:  # it only smooths, keeping the function: one pass
+            return propagate != "compressed"  # gives the same
         methods = [g.method for g in plan.groups if g.name in quantizes]
+        if prunes:  # pruning changes the function: the next layer sees it, as GPTQ's
+            methods.append(plan.sparsity.method)
         return (propagate or default_propagation(methods)) == "original"
 
-    if not independent:
-        return [Stage(smoothed, every, one_pass(every))]
+    if not independent:  # pruning (never independent) is the one stage's
+        return [Stage(smoothed, every, one_pass(every, plan.sparsity is not None))]
     stages = []
     if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
         rounded = frozenset(g.name for g in plan.groups if smoother_of(g.method) == "awq")
@@ -126,12 +129,14 @@ def cpu_has_native_bf16() -> bool:
 
 class ChannelStats:
     """Per-channel statistics of a module input over every token: min, max and mean |x|
-    (what smoothing needs); a smoothed input x / s is followed by `divide(s)`."""
+    (what smoothing needs), and the root mean square (Wanda's input norms); a smoothed input
+    x / s is followed by `divide(s)`."""
 
     def __init__(self, channels: int, device):
         self.lo = torch.full((channels,), float("inf"), device=device)
         self.hi = torch.full((channels,), float("-inf"), device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.square_sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -140,7 +145,11 @@ class ChannelStats:
         self.lo = torch.minimum(self.lo, lo.float())
         self.hi = torch.maximum(self.hi, hi.float())
         self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        self.square_sum += x.float().square().sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
+
+    def rms(self) -> torch.Tensor:
+        return (self.square_sum / max(self.tokens, 1)).sqrt().float()
 
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.hi.abs(), self.lo.abs())
@@ -152,6 +161,7 @@ class ChannelStats:
         scale = scale.to(self.lo.device)
         self.lo, self.hi = self.lo / scale, self.hi / scale
         self.abs_sum = self.abs_sum / scale.double()
+        self.square_sum = self.square_sum / scale.double().square()
 
 
 @dataclass
@@ -268,6 +278,13 @@ def dequantized_weight(
     compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
     stored = {k: v for k, v in state.items() if k.startswith("weight")}
     return compressor.decompress(stored, scheme)["weight"].to(dtype)
+
+
+def served_zeros(state: dict[str, torch.Tensor], scheme: QuantizationScheme | None) -> float:
+    """The fraction of a stored module's weight that is zero as readers reconstruct it
+    (`scheme` None: stored dense); pruned weights, and any rounded to zero."""
+    weight = state["weight"] if scheme is None else dequantized_weight(state, scheme, torch.float32)
+    return round(zero_fraction(weight), 6)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
@@ -433,14 +450,24 @@ class StaticCalibration:
         give its hidden states their next generation. Returns the modules' stored tensors
         (and, on the last stage with --kv-cache, the attentions' k/v scales), and the same
         weights as the installed compressed-tensors reads them (`_decompressible`)."""
-        part = {n: w for n, w in weights.items() if self.plan.group_of(n).name in stage.quantizes}
-        watched = [n for n in weights if n in part or self.plan.group_of(n).name in stage.smooths]
+        plan = self.plan
+        part = {n: w for n, w in weights.items() if self._in_stage(n, stage, last)}
+        watched = [
+            n
+            for n in weights
+            if n in part or plan.quantized(n) and plan.group_of(n).name in stage.smooths
+        ]
         awq = bool(stage.smooths) and self.smoothing.method == "awq"
-        gptq = any(solver_of(self.plan.method_of(n)) == "gptq" for n in part)
+        pruner = plan.sparsity.method if plan.sparsity is not None else None
+        pruned = [n for n in part if plan.pruned(n)]
+        gptq = any(solver_of(plan.method_of(n)) == "gptq" for n in part if plan.quantized(n)) or (
+            pruner == "sparsegpt" and bool(pruned)
+        )
+        wanda = pruner == "wanda" and bool(pruned)
         kv = self.kv if last else None
         watch = None
         hooks = []
-        if self.static or gptq or stage.smooths:
+        if self.static or gptq or stage.smooths or wanda:
             watch = _InputObserver(
                 watched,
                 ranges=self.static,
@@ -448,7 +475,7 @@ class StaticCalibration:
                 device=self.device,
                 offload=self.offload_hessians,
                 stop=not stage.one_pass,
-                channels=bool(stage.smooths),
+                channels=bool(stage.smooths) or wanda,
             )
             hooks = [
                 self.runner.modules[n].register_forward_pre_hook(watch.hook(n)) for n in watched
@@ -465,20 +492,43 @@ class StaticCalibration:
             self.runner.forward_layer(index)
         if stage.smooths:
             self._smooth(index, layer, stage, weights, others, watch, observer)
+        masks = self._masks({n: weights[n] for n in pruned}, watch) if pruned else {}
         states, packed = {}, {}
-        for group, members in self.plan.by_group(part):  # one group at a time
+        for group, members in plan.by_group(part):  # one group at a time
             scheme = group.scheme
-            mine = {m: weights[m] for m in members}
-            if solver_of(group.method) == "gptq":
-                solved = self._gptq_states(mine, scheme, watch.hessians, observer)
-            else:
-                solved = layer_states(mine, scheme, self.plan.fused, observer, self.device)
+            # Solved on the Hessians: GPTQ's groups, and SparseGPT's pruned modules (pruned
+            # and quantized in one solve); rounded to nearest: the others (Wanda's and
+            # magnitude's pruned ones after their masks).
+            solve = [
+                m
+                for m in members
+                if solver_of(group.method) == "gptq" or (pruner == "sparsegpt" and plan.pruned(m))
+            ]
+            rest = {m: weights[m] for m in members if m not in solve}
+            solved = {}
+            if solve:
+                mine = {m: weights[m] for m in solve}
+                solved |= self._gptq_states(mine, scheme, watch.hessians, observer, masks)
+            if rest:
+                solved |= layer_states(
+                    _masked(rest, masks), scheme, plan.fused, observer, self.device
+                )
             states |= solved
             packed |= pack_states(solved, scheme, layout)
             if needs_calibration(scheme):
                 for name in members:
                     packed[name].update(self._input_params(name, watch, weights[name].dtype))
+        unquantized = {n: weights[n] for n in pruned if not plan.quantized(n)}
+        if unquantized:  # pruned only: stored dense, in the checkpoint's dtype
+            if pruner == "sparsegpt":
+                solved = self._gptq_states(unquantized, None, watch.hessians, observer, masks)
+            else:
+                solved = {n: {"weight": w} for n, w in _masked(unquantized, masks).items()}
+            for name, state in solved.items():
+                states[name] = state
+                packed[name] = {"weight": state["weight"].to(weights[name].dtype).cpu()}
         readable = self._decompressible(packed, states, layout)
+        self._record_sparsity(pruned, readable)
         if stage.one_pass:
             if attentions is not None:
                 packed.update(kv.scales(attentions, self.checkpoint_dtype))
@@ -486,20 +536,54 @@ class StaticCalibration:
             self._run_compressed(index, layer, packed, readable, kv)
         return packed, readable
 
+    def _in_stage(self, name: str, stage: Stage, last: bool) -> bool:
+        """Whether `stage` compresses module `name`: its group's stage; a module that is
+        only pruned, the last stage's."""
+        if self.plan.quantized(name):
+            return self.plan.group_of(name).name in stage.quantizes
+        return last
+
+    def _masks(self, weights: dict[str, torch.Tensor], watch) -> dict[str, torch.Tensor]:
+        """The masks chosen before quantization (Wanda's, magnitude's), by module; SparseGPT
+        chooses its own in the solve."""
+        sparsity = self.plan.sparsity
+        if sparsity.method == "sparsegpt":
+            return {}
+        masks = {}
+        for name, weight in weights.items():
+            target = sparsity.modules[name]
+            check_finite(f"{name}.weight", weight)
+            if sparsity.method == "wanda":
+                norms = watch.channels[name].rms()
+                masks[name] = wanda_mask(weight, norms, target, sparsity.structure)
+            else:
+                masks[name] = magnitude_mask(weight, target, sparsity.structure)
+        return masks
+
+    def _record_sparsity(self, pruned: list[str], readable: dict) -> None:
+        """Each pruned module's fraction of zeros as served, for the manifest."""
+        report = self.report.setdefault("sparsity", {})
+        for name in pruned:
+            scheme = self.plan.scheme_of(name) if self.plan.quantized(name) else None
+            report[name] = served_zeros(readable[name], scheme)
+
     def _gptq_states(
         self,
         weights: dict[str, torch.Tensor],
-        scheme: QuantizationScheme,
+        scheme: QuantizationScheme | None,
         hessians: dict[str, Hessian],
         observer: str,
+        masks: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """GPTQ-solved states of one layer's modules of one scheme. Modules sharing a Hessian
-        are solved together, stacked by rows, where their parameters are per row or group."""
+        """GPTQ-solved states of one layer's modules of one scheme (None: pruned only).
+        Modules sharing a Hessian are solved together, stacked by rows, where their parameters
+        are per row or group. Pruned modules are pruned in the same solve: by SparseGPT, or
+        by their fixed `masks` (Wanda's, magnitude's), the solve compensating the removals."""
         device = self.device
-        args = scheme.weights
+        args = scheme.weights if scheme is not None else None
         on_device = {n: w.to(device) for n, w in weights.items()}
-        gscales = global_scales(on_device, scheme, self.plan.fused)
-        stackable = args.strategy in (
+        gscales = global_scales(on_device, scheme, self.plan.fused) if scheme else {}
+        stackable = args is None or args.strategy in (
             QuantizationStrategy.CHANNEL,
             QuantizationStrategy.GROUP,
             QuantizationStrategy.TENSOR_GROUP,
@@ -508,7 +592,10 @@ class StaticCalibration:
         for name in weights:
             if name not in hessians:
                 raise LlmpressError(f"{name} saw no calibration input; GPTQ cannot solve it")
-            groups.setdefault(id(hessians[name]), []).append(name)
+            # Pruned and unpruned modules are solved apart (a share of a mixed stack is not
+            # its own module's sparsity).
+            key = (id(hessians[name]), self.plan.pruned(name))
+            groups.setdefault(key, []).append(name)
         if stackable:
             solves = list(groups.values())
         else:  # per-tensor or per-block parameters: each module alone, on the shared Hessian
@@ -523,10 +610,11 @@ class StaticCalibration:
                 stacked,
                 hessian,
                 args,
-                self.gptq,
+                self.gptq or GPTQOptions(),
                 observer,
                 gscales.get(members[0]),
                 on_device[members[0]].dtype,
+                self._pruning(members, on_device, masks or {}),
             )
             start = 0
             for m in members:
@@ -542,9 +630,11 @@ class StaticCalibration:
                 if result.g_idx is not None:
                     state["weight_g_idx"] = result.g_idx
                 states[m] = state
-                self.report["gptq"][m] = {
+                baseline = "loss_magnitude" if self.plan.pruned(m) else "loss_rtn"
+                section = "gptq" if scheme is not None else "sparsegpt"
+                self.report.setdefault(section, {})[m] = {
                     "solved_with": members,
-                    "loss_rtn": result.loss_rtn,
+                    baseline: result.loss_rtn,
                     "loss": result.loss,
                     "damping": result.damping,
                     "seconds": round(result.seconds, 3),
@@ -553,6 +643,19 @@ class StaticCalibration:
                     log.warning("%s: %s", m, note)
             del hessian
         return states
+
+    def _pruning(self, members: list[str], weights, masks) -> Pruning | None:
+        """What the solve of `members` (stacked) prunes, or None."""
+        sparsity = self.plan.sparsity
+        if not self.plan.pruned(members[0]):
+            return None
+        rows, start = [], 0
+        for m in members:
+            rows.append(slice(start, start + weights[m].shape[0]))
+            start = rows[-1].stop
+        fixed = torch.cat([masks[m] for m in members]) if masks else None
+        target = sparsity.modules[members[0]]  # one layer's modules: one target
+        return Pruning(sparsity.structure, target, tuple(rows), fixed)
 
     def _infer_mappings(self, index: int, layer, weights) -> list[Mapping]:
         """The layer's smoothing sites (the same in every layer), found on one real forward."""
@@ -685,6 +788,9 @@ class StaticCalibration:
         hooks = []
         for name, state in readable.items():
             module = modules[name]
+            if not self.plan.quantized(name):  # pruned only: stored as it is served
+                module.weight.data = state["weight"].to(module.weight.device, module.weight.dtype)
+                continue
             scheme = self.plan.scheme_of(name)
             weight = dequantized_weight(state, scheme, module.weight.dtype)
             module.weight.data = weight.to(module.weight.device)
@@ -725,6 +831,13 @@ class StaticCalibration:
                 part = {m: states[m] for m in members}
                 readable |= pack_states(part, scheme, installed_layout())
         return readable
+
+
+def _masked(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict:
+    """`weights` with their masks' weights set to zero (those without a mask as they are)."""
+    return {
+        n: w.masked_fill(masks[n].to(w.device), 0) if n in masks else w for n, w in weights.items()
+    }
 
 
 def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:

@@ -32,18 +32,22 @@ from llmpress.source import SAFETENSORS_DTYPES
 _A_LINEAR = torch.nn.Linear(1, 1, device="meta")
 
 
-def quantization_config(plan: Plan, layout: str) -> dict:
+def quantization_config(plan: Plan, layout: str, sparsity: dict | None = None) -> dict:
     """`config.json`'s `quantization_config`, as compressed-tensors itself writes it.
 
     For 3, 5, 6 and 7-bit weights, `int_packing` records the layout written (readers that
     predate it ignore unknown keys), since the compressed-tensors version alone cannot say.
+    A pruned model (`sparsity`: `api.sparsity_report`) is stored dense, and its
+    `sparsity_config` says so, with the structure and the global sparsity; it names no
+    targets, which vLLM refuses since sparse formats were dropped (the manifest lists the
+    modules).
     """
     groups = {}
     for group in plan.groups:
         scheme = group.scheme.model_copy(deep=True)
         scheme.format = scheme_format(scheme)
         groups[group.name] = scheme
-    formats = {scheme.format for scheme in groups.values()}
+    formats = {scheme.format for scheme in groups.values()} or {CompressionFormat.dense.value}
     qconfig = QuantizationConfig(
         config_groups=groups,
         # Several formats: each group's own `format` says how its modules are stored.
@@ -55,11 +59,20 @@ def quantization_config(plan: Plan, layout: str) -> dict:
     data = qconfig.model_dump(mode="json", exclude={"quant_method"})
     if any(s.weights.type == "int" and layouts_differ(s.weights.num_bits) for s in groups.values()):
         data["int_packing"] = layout
+    sparsity_config = {}
+    if sparsity is not None:
+        sparsity_config = {
+            "format": CompressionFormat.dense.value,
+            "global_sparsity": sparsity["global_sparsity"],
+            "sparsity_structure": sparsity["structure"],
+            "targets": None,
+            "ignore": None,
+        }
     return {
         # compressed-tensors records its own version here; the packing layout follows from it.
         "version": compressed_tensors.__version__,
         "quant_method": "compressed-tensors",
-        "sparsity_config": {},
+        "sparsity_config": sparsity_config,
         "transform_config": {},
         **data,
     }
@@ -111,12 +124,45 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
             modifiers["AWQModifier"].update(ignore=list(options.ignore), config_groups=own_awq)
     if quantized:
         modifiers[kind] = modifier
-    recipe = {"quant_stage": {"quant_modifiers": modifiers}}
+    recipe = {}
+    if plan.sparsity is not None:
+        recipe["sparsity_stage"] = {"sparsity_modifiers": _pruning_modifier(plan, options)}
+    if modifiers:
+        recipe["quant_stage"] = {"quant_modifiers": modifiers}
     header = (
-        f"# written by llmpress: scheme {options.label}, method "
-        f"{'/'.join(dict.fromkeys(options.methods))}, observer {options.observer}\n"
+        f"# written by llmpress: {options.label}, method "
+        f"{'/'.join(([options.prune] if options.prune else []) + list(dict.fromkeys(options.methods)))}, "
+        f"observer {options.observer}\n"
     )
     return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _pruning_modifier(plan: Plan, options: CompressOptions) -> dict:
+    """The pruning as llm-compressor's modifier spells it."""
+    structure = plan.sparsity.structure
+    sparsity = options.sparsity
+    if structure.structured:
+        sparsity = structure.sparsity
+    elif sparsity is None:
+        sparsity = 0.5
+    targets = options.sparsity_targets or tuple(
+        dict.fromkeys(t for g in options.scheme_groups for t in g.targets)
+    )
+    ignore = options.sparsity_ignore if options.sparsity_ignore is not None else options.ignore
+    args = {
+        "sparsity": list(sparsity) if isinstance(sparsity, tuple) else sparsity,
+        "mask_structure": structure.label if structure.structured else "0:0",
+        "targets": list(targets or ("Linear",)),
+        "ignore": list(ignore),
+    }
+    if options.prune == "sparsegpt":
+        args.update(block_size=options.block_size, dampening_frac=options.dampening_frac)
+        return {"SparseGPTModifier": args}
+    if options.prune == "wanda":
+        return {"WandaPruningModifier": args}
+    args["final_sparsity"] = args.pop("sparsity")
+    args["init_sparsity"] = args["final_sparsity"]
+    return {"MagnitudePruningModifier": args}
 
 
 def read_quantization_config(checkpoint: Path) -> dict:
@@ -160,10 +206,14 @@ def written_layout(qconfig: dict) -> str:
 
 
 def summarize(checkpoint: Path) -> dict:
-    """Groups, formats, bits per layer, size on disk and compression ratio of a checkpoint."""
+    """Groups, formats, bits per layer, size on disk and compression ratio of a checkpoint,
+    and for a pruned one its sparsity as stored (`verify_sparsity`)."""
     from safetensors import safe_open
 
-    qconfig = read_quantization_config(checkpoint)
+    if _pruned_only(checkpoint):  # a plain dense model: no quantization_config
+        qconfig = {"format": CompressionFormat.dense.value, "version": None}
+    else:
+        qconfig = read_quantization_config(checkpoint)
     groups = {}
     for name, group in qconfig.get("config_groups", {}).items():
         scheme = QuantizationScheme.model_validate(group)
@@ -216,7 +266,82 @@ def summarize(checkpoint: Path) -> dict:
         "compression_ratio": dense_bytes / size if size else 0.0,
         "gptq": _manifest_section(checkpoint, "gptq"),
         "smoothing": _manifest_section(checkpoint, "smoothing"),
+        "sparsity": verify_sparsity(checkpoint, qconfig),
     }
+
+
+def _pruned_only(checkpoint: Path) -> bool:
+    """An llmpress output that only pruned: stored dense, without quantization_config."""
+    config_file = checkpoint / "config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text())
+    return "quantization_config" not in config and _manifest_section(checkpoint, "sparsity")
+
+
+def verify_sparsity(checkpoint: Path, qconfig: dict) -> dict | None:
+    """The pruning the manifest records, checked against the stored weights: each pruned
+    module's weight as its readers reconstruct it (quantized ones dequantized by
+    compressed-tensors), its fraction of zeros, and for N:M masks every block of every row."""
+    from safetensors import safe_open
+
+    from llmpress.calibrate import dequantized_weight
+    from llmpress.sparsity import Structure, n_m_violations, zero_fraction
+
+    recorded = _manifest_section(checkpoint, "sparsity")
+    if not recorded:
+        return None
+    structure = Structure.parse(recorded["structure"])
+    where = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as reader:
+            where.update(dict.fromkeys(reader.keys(), file))  # noqa: SIM118
+    groups = qconfig.get("config_groups") or {}
+    measured, broken, sizes = {}, [], {}
+    for name in recorded["modules"]:
+        keys = [k for k in (f"{name}.{p}" for p in _WEIGHT_PARAMS) if k in where]
+        if not keys:
+            raise LlmpressError(f"{checkpoint.name}: the pruned module {name} has no weight")
+        state = {}
+        for key in keys:
+            with safe_open(where[key], framework="pt") as reader:
+                state[key.rpartition(".")[2]] = reader.get_tensor(key)
+        group = _group_of(name, groups)
+        if "weight_scale" not in state or group is None:  # stored dense: not quantized
+            weight = state["weight"]
+        else:
+            scheme = QuantizationScheme.model_validate(group)
+            scheme.format = scheme.format or qconfig.get("format")
+            weight = dequantized_weight(state, scheme, torch.float32)
+        measured[name] = zero_fraction(weight)
+        sizes[name] = weight.numel()
+        if n_m_violations(weight, structure):
+            broken.append(name)
+    total = sum(sizes.values())
+    return {
+        "method": recorded["method"],
+        "structure": structure.label,
+        "modules": len(measured),
+        "global_sparsity": sum(measured[n] * sizes[n] for n in sizes) / total,
+        "recorded_global_sparsity": recorded["global_sparsity"],
+        "lowest": min(measured.values()),
+        "highest": max(measured.values()),
+        "by_kind": _mean_by_kind(measured),
+        "pattern_holds": not broken if structure.structured else None,
+        "broken": broken,
+    }
+
+
+# A stored module's weight and its quantization parameters.
+_WEIGHT_PARAMS = ("weight", "weight_packed", "weight_scale", "weight_zero_point",
+                  "weight_shape", "weight_global_scale", "weight_g_idx")  # fmt: skip
+
+
+def _mean_by_kind(measured: dict[str, float]) -> dict[str, float]:
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for name, value in measured.items():
+        kinds[_kind(name)].append(value)
+    return {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
 
 
 def _manifest_section(checkpoint: Path, section: str) -> dict | None:
@@ -251,11 +376,17 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 
 
 def _group_bits(module: str, config_groups: dict) -> int | None:
-    """The weight bits of the config group a reader gives `module` (every stored quantized
-    module is a Linear): compressed-tensors' own most-specific-target match, as the plan."""
+    """The weight bits of the config group a reader gives `module`."""
+    group = _group_of(module, config_groups)
+    return (group.get("weights") or {}).get("num_bits") if group else None
+
+
+def _group_of(module: str, config_groups: dict) -> dict | None:
+    """The config group a reader gives `module` (every stored quantized module is a Linear):
+    compressed-tensors' own most-specific-target match, as the plan."""
     owner = {t: g for g in reversed(config_groups.values()) for t in g.get("targets", [])}
     matched = match_targets(module, _A_LINEAR, list(owner))
-    return (owner[matched[0]].get("weights") or {}).get("num_bits") if matched else None
+    return owner[matched[0]] if matched else None
 
 
 def _stored_weight(

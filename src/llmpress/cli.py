@@ -121,11 +121,49 @@ def main() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"]),
+    type=click.Choice(
+        [
+            "rtn",
+            "gptq",
+            "awq",
+            "smoothquant",
+            "smoothquant+gptq",
+            "sparsegpt",
+            "wanda",
+            "magnitude",
+            "wanda+gptq",
+            "magnitude+gptq",
+        ]  # fmt: skip
+    ),
     default=None,
     help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
     "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "
-    "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8).",
+    "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8). "
+    "Pruning (--sparsity, --mask), alone or with --scheme: sparsegpt (prunes and quantizes in "
+    "one solve on --dataset's Hessians), wanda (by |weight| x input norm; +gptq: then GPTQ), "
+    "magnitude (by |weight|, no data).",
+)
+@click.option(
+    "--sparsity",
+    default=None,
+    help="Pruning: the fraction of each weight set to zero (default 0.5), or a comma-separated "
+    "list, one per decoder layer. An N:M mask prunes N/M.",
+)
+@click.option(
+    "--mask",
+    default=None,
+    help="Pruning structure: unstructured (default) or N:M, N zeros in every M consecutive "
+    "weights of a row (2:4 for sparse tensor cores).",
+)
+@click.option(
+    "--sparsity-targets",
+    multiple=True,
+    help="Modules to prune, inside decoder layers (default: --targets).",
+)
+@click.option(
+    "--sparsity-ignore",
+    multiple=True,
+    help="Modules not to prune (default: --ignore).",
 )
 @click.option(
     "--smoothing-strength",
@@ -232,6 +270,10 @@ def compress(
     duo_scaling,
     awq_grid,
     awq_clip,
+    sparsity,
+    mask,
+    sparsity_targets,
+    sparsity_ignore,
 ):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
@@ -267,6 +309,10 @@ def compress(
         duo_scaling=duo_scaling,
         awq_clip=awq_clip,
         awq_grid=awq_grid,
+        sparsity=_sparsity(sparsity),
+        mask=mask,
+        sparsity_targets=sparsity_targets or None,
+        sparsity_ignore=sparsity_ignore or None,
     )
     cap = None if max_memory is None else _size(max_memory)
     if dry_run:
@@ -275,11 +321,32 @@ def compress(
     result = run(
         model, output, options, force=force, progress=not quiet, resume=resume, max_memory=cap
     )
+    pruned = ""
+    if options.prune:
+        manifest = json.loads((result.output / "llmpress.json").read_text())
+        sparsity = manifest["sparsity"]
+        pruned = (
+            f"{len(sparsity['modules'])} pruned ({sparsity['structure']}, "
+            f"{sparsity['global_sparsity']:.1%} zeros), "
+        )
     click.echo(
-        f"wrote {result.output} — {result.quantized_modules} layers quantized, "
+        f"wrote {result.output} — {result.quantized_modules} layers quantized, {pruned}"
         f"{result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB "
         f"({result.ratio:.2f}x) in {result.seconds:.1f} s"
     )
+
+
+def _sparsity(text: str | None) -> float | list[float] | None:
+    """--sparsity: one fraction, or a comma-separated list of them."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: a fraction, or fractions separated by commas"
+        ) from None
+    return values[0] if len(values) == 1 else values
 
 
 def _print_plan(plan: dict, output: Path) -> None:
@@ -290,6 +357,8 @@ def _print_plan(plan: dict, output: Path) -> None:
     )
     kinds = ", ".join(f"{kind} x {count}" for kind, count in plan["modules_by_kind"].items())
     click.echo(f"    {kinds}")
+    if plan.get("pruned_modules"):
+        click.echo(f"  pruned: {plan['pruned_modules']} modules inside the decoder layers")
     if plan.get("kv_cache"):
         click.echo(f"  KV cache: {plan['kv_cache']} (k/v scales calibrated on --dataset)")
     if plan["left_alone"]:
@@ -338,6 +407,8 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
     info = summarize(checkpoint)
     if as_json:
         click.echo(json.dumps(info, indent=2))
+        if info.get("sparsity") and info["sparsity"]["pattern_holds"] is False:
+            sys.exit(1)
         return
     click.echo(f"{info['checkpoint']}")
     click.echo(
@@ -359,17 +430,45 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
         _print_smoothing(info["smoothing"])
     if info.get("gptq"):
         report = info["gptq"]
-        better = sum(r["loss"] < r["loss_rtn"] for r in report.values())
-        click.echo(f"  GPTQ: {len(report)} modules, {better} below round-to-nearest's error")
+        # Pruned modules compare with magnitude pruning then round to nearest.
+        base = {n: r.get("loss_rtn", r.get("loss_magnitude")) for n, r in report.items()}
+        better = sum(r["loss"] < base[n] for n, r in report.items())
+        click.echo(
+            f"  GPTQ: {len(report)} modules, {better} below round-to-nearest's error "
+            "(after magnitude pruning, for pruned modules)"
+        )
         for name, r in report.items():
+            label = "rtn" if "loss_rtn" in r else "magnitude+rtn"
             click.echo(
-                f"    {name}: loss {r['loss']:.4g} (rtn {r['loss_rtn']:.4g}), "
+                f"    {name}: loss {r['loss']:.4g} ({label} {base[name]:.4g}), "
                 f"damping {r['damping']:g}, {r['seconds']:.2f} s"
             )
     click.echo(
         f"  size on disk {info['size_bytes'] / 1e6:.1f} MB; 16-bit equivalent "
         f"{info['bf16_equivalent_bytes'] / 1e6:.1f} MB; ratio {info['compression_ratio']:.2f}x"
     )
+    if info.get("sparsity"):
+        _print_sparsity(info["sparsity"])
+
+
+def _print_sparsity(report: dict) -> None:
+    """The pruning as stored; exits 1 when an N:M pattern does not hold."""
+    click.echo(
+        f"  pruned by {report['method']}, {report['structure']}: {report['modules']} modules, "
+        f"{report['global_sparsity']:.2%} of their weights zero (per module "
+        f"{report['lowest']:.2%} to {report['highest']:.2%})"
+    )
+    for kind, value in report["by_kind"].items():
+        click.echo(f"    {kind}: {value:.2%}")
+    if report["pattern_holds"] is not None:
+        if report["pattern_holds"]:
+            click.echo(f"  {report['structure']} pattern: holds in every pruned weight")
+        else:
+            broken = report["broken"]
+            raise LlmpressError(
+                f"the {report['structure']} pattern does not hold in {len(broken)} pruned "
+                f"weights (first: {broken[0]})"
+            )
 
 
 @main.command("eval")

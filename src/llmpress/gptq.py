@@ -30,6 +30,7 @@ from compressed_tensors.quantization.utils import calculate_range
 
 from llmpress.errors import LlmpressError
 from llmpress.observers import weight_qparams
+from llmpress.sparsity import Structure, lowest, lowest_n_of_m, magnitude_mask
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,24 @@ def _bf16_products(enabled: bool) -> Iterator[None]:
         yield
     finally:
         setting.fp32_precision = before
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What a solve prunes (SparseGPT): as each block of columns is reached, the weights of
+    lowest w² / [H⁻¹]ⱼⱼ² (the error their removal causes) among the block's weights as updated
+    so far: `sparsity` of each row slice's share (`rows`: stacked modules, each its own
+    budget), or N of every M columns of each row, chosen as the solve reaches them. `fixed`:
+    a mask chosen beforehand instead (Wanda's, magnitude's; True where pruned), whose
+    removals the solve compensates as SparseGPT's."""
+
+    structure: Structure
+    sparsity: float
+    rows: tuple[slice, ...] = ()
+    fixed: torch.Tensor | None = None
+
+    def slices(self, rows: int) -> tuple[slice, ...]:
+        return self.rows or (slice(0, rows),)
 
 
 class Hessian:
@@ -115,12 +134,13 @@ class Hessian:
 
 @dataclass
 class GPTQResult:
-    """A solved weight: its values on the quantization grid (float32) and its stored
-    parameters; the output error of round-to-nearest and of GPTQ on the calibration inputs
-    (mean over tokens of |ΔW x|², summed over rows)."""
+    """A solved weight: its values on the quantization grid (float32; pruned ones zero) and its
+    stored parameters (None without quantization); the output error of round-to-nearest (after
+    magnitude pruning of the same structure, when pruning) and of the solve on the calibration
+    inputs (mean over tokens of |ΔW x|², summed over rows)."""
 
     weight: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | None
     zero_point: torch.Tensor | None
     g_idx: torch.Tensor | None
     loss_rtn: float
@@ -198,29 +218,37 @@ def _inverse_cholesky(
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    args: QuantizationArgs,
+    args: QuantizationArgs | None,
     options: GPTQOptions,
     observer: str = "minmax",
     global_scale: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.bfloat16,
+    prune: Pruning | None = None,
 ) -> GPTQResult:
     """GPTQ for one (possibly row-stacked) weight [rows, columns] given H = mean(x xᵀ) over its
-    inputs [columns, columns]. Works in float32 on the weight's device."""
+    inputs [columns, columns]. Works in float32 on the weight's device. With `prune`, each
+    column is pruned (SparseGPT) and then quantized, one error feedback for both, as the
+    SparseGPT paper's joint solve; `args` None: pruned only."""
     start = time.perf_counter()
     w = weight.to(torch.float32).clone()
     rows, columns = w.shape
     h = hessian.to(w.device, torch.float32).clone()
-    grouped = args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
-    order = options.order
+    grouped = args is not None and args.strategy in (
+        QuantizationStrategy.GROUP,
+        QuantizationStrategy.TENSOR_GROUP,
+    )
+    order = options.order if args is not None else None
     if order == "group" and not grouped:
         order = "weight"  # without groups, the orders are the same thing
+    if prune is not None and prune.structure.structured:
+        order = None  # N:M blocks are runs of the original columns
     dead = torch.diag(h) == 0  # inputs that are always zero: any weight there is free
     h[dead, dead] = 1
     w[:, dead] = 0
     original = w.clone()
 
     # Upfront parameters: per tensor/channel/block always, per group with actorder=weight.
-    upfront = not grouped or order == "weight"
+    upfront = args is not None and (not grouped or order == "weight")
     scale = zero_point = None
     if upfront:
         scale, zero_point = weight_qparams(w, args, observer, global_scale)
@@ -243,14 +271,17 @@ def gptq_quantize(
                 zero_point[:, i : i + 1] if zero_point is not None else None
                 for i in range(n_groups)
             ]
-    else:
+    elif args is not None:
         params_of = _column_params(scale, zero_point, args, rows)
 
-    qdq, flat = _column_quantizer(args, global_scale)
+    qdq, flat = _column_quantizer(args, global_scale) if args is not None else (None, None)
+    fixed = None
+    if prune is not None and prune.fixed is not None:
+        fixed = (prune.fixed[:, perm] if perm is not None else prune.fixed).t().contiguous()
     # Each column's scale and zero point as the quantizer takes them (`flat`), converted once
     # per group (or per tensor/channel).
     prepared: dict[object, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    reuse = grouped or args.strategy != QuantizationStrategy.BLOCK
+    reuse = grouped or args is None or args.strategy != QuantizationStrategy.BLOCK
     columns_in_order = perm.tolist() if perm is not None else range(columns)
     # The loop walks columns: it works on the transpose, where each column is contiguous.
     wt = w.t().contiguous()
@@ -261,8 +292,28 @@ def gptq_quantize(
         w1 = wt[b0:b1].clone()
         err1 = torch.zeros_like(w1)
         u1 = upper[b0:b1, b0:b1]
+        mask1 = None
+        if fixed is not None:
+            mask1 = fixed[b0:b1]
+        elif prune is not None:
+            mask1 = _block_mask(w1, u1, prune) if not prune.structure.structured else None
+            if mask1 is None:
+                mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(b1 - b0):
             col = b0 + i  # position in processing order
+            x = w1[i]
+            if prune is not None and prune.structure.structured and fixed is None:
+                m = prune.structure.m
+                if i % m == 0:  # the next M columns' mask, from the weights as updated now
+                    scores = w1[i : i + m] ** 2 / u1.diagonal()[i : i + m].reshape(-1, 1) ** 2
+                    mask1[i : i + m] = lowest_n_of_m(scores.t(), prune.structure.n, m).t()
+            if args is None:  # pruning only
+                q = x.clone()
+                q.masked_fill_(mask1[i], 0)
+                quantized[col] = q
+                e = torch.sub(x, q, out=err1[i]).div_(u1[i, i])
+                w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1)
+                continue
             original_col = columns_in_order[col]
             key = None
             if grouped:
@@ -278,8 +329,9 @@ def gptq_quantize(
                 params = (flat(s), flat(z))
                 if reuse:
                     prepared[key] = params
-            x = w1[i]
             q = qdq(x, *params)
+            if mask1 is not None:
+                q.masked_fill_(mask1[i], 0)
             quantized[col] = q
             e = torch.sub(x, q, out=err1[i]).div_(u1[i, i])
             w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1)
@@ -297,7 +349,15 @@ def gptq_quantize(
         zero_point = torch.cat(zeros, dim=1) if zeros[0] is not None else None
 
     hessian = hessian.to(w.device, torch.float32)
-    rtn = rtn_dequantized(original, args, observer, global_scale, scale_dtype)
+    baseline = original
+    if prune is not None:  # magnitude pruning of the same structure and budget
+        baseline = original.clone()
+        for rows_of in prune.slices(rows):
+            part = baseline[rows_of]
+            part[magnitude_mask(part, prune.sparsity, prune.structure)] = 0
+    rtn = baseline
+    if args is not None:
+        rtn = rtn_dequantized(baseline, args, observer, global_scale, scale_dtype)
     return GPTQResult(
         weight=quantized.contiguous(),
         scale=scale,
@@ -309,6 +369,17 @@ def gptq_quantize(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
+
+
+def _block_mask(w1: torch.Tensor, u1: torch.Tensor, prune: Pruning) -> torch.Tensor:
+    """SparseGPT's unstructured mask of one block of columns (transposed: [columns, rows]):
+    in each row slice, the `sparsity` share of lowest w² / [H⁻¹]ⱼⱼ²."""
+    scores = w1**2 / u1.diagonal().reshape(-1, 1) ** 2
+    mask = torch.zeros_like(w1, dtype=torch.bool)
+    for rows in prune.slices(w1.shape[1]):
+        part = scores[:, rows]
+        mask[:, rows] = lowest(part, int(part.numel() * prune.sparsity))
+    return mask
 
 
 def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None):

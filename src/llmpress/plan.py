@@ -37,6 +37,7 @@ from llmpress.kvcache import attention_modules, kv_cache_args
 from llmpress.packing import installed_layout
 from llmpress.schemes import build_scheme
 from llmpress.source import ModelSource
+from llmpress.sparsity import Structure, check_columns
 
 DEFAULT_TARGETS = ("Linear",)
 # The output head stays in 16 bits by default, as in llm-compressor's recipes; embeddings are
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 
 Method = Literal["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"]
+Pruner = Literal["sparsegpt", "wanda", "magnitude"]
 
 
 class SchemeGroup(BaseModel):
@@ -177,26 +179,97 @@ class CompressOptions(BaseModel):
     # on its own hidden states, as one run per modifier would be, instead of all of them on
     # one sequential pass (llm-compressor's "independent" pipeline; llmpress.calibrate.Stage).
     independent: bool = False
+    # Pruning (llmpress.sparsity), alone or before the scheme's quantization in the same run:
+    # SparseGPT (its column solve also quantizes, on the same Hessians), Wanda or magnitude.
+    prune: Pruner | None = None
+    # The fraction of each pruned weight set to zero (default 0.5), or one per decoder layer;
+    # an N:M mask prunes N/M.
+    sparsity: float | tuple[float, ...] | None = None
+    mask: str = "unstructured"  # or "N:M": N zeros in every M consecutive weights of a row
+    # The modules pruned (inside decoder layers): None, the quantized ones' targets/ignore.
+    sparsity_targets: tuple[str, ...] | None = None
+    sparsity_ignore: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _one_scheme_source(self) -> CompressOptions:
-        if (self.scheme is None) == (not self.groups):
+        if (self.scheme is None) == (not self.groups) and not (
+            self.prune and self.scheme is None and not self.groups
+        ):
             raise ValueError("give a scheme, or groups of schemes for mixed precision")
         if self.groups and (self.targets != DEFAULT_TARGETS or self.group_size is not None):
             raise ValueError("with groups, each group gives its targets and group size")
         return self
 
+    @model_validator(mode="after")
+    def _pruning(self) -> CompressOptions:
+        pruning = (self.sparsity, self.sparsity_targets, self.sparsity_ignore)
+        if self.prune is None:
+            if any(v is not None for v in pruning) or self.mask != "unstructured":
+                raise ValueError(
+                    "sparsity, mask and sparsity targets need a pruning method (sparsegpt, "
+                    "wanda or magnitude)"
+                )
+            return self
+        structure = Structure.parse(self.mask)
+        values = self.sparsity if isinstance(self.sparsity, tuple) else (self.sparsity,)
+        for value in values:
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"sparsity {value} is not a fraction between 0 and 1")
+        if (
+            structure.structured
+            and self.sparsity is not None
+            and any(abs(v - structure.sparsity) > 1e-9 for v in values)
+        ):
+            raise ValueError(
+                f"a {structure.label} mask prunes exactly {structure.sparsity:g} of each "
+                "weight; drop sparsity, or use an unstructured mask"
+            )
+        if structure.structured and self.prune == "sparsegpt" and self.block_size % structure.m:
+            raise ValueError(f"block_size must be a multiple of the mask's M ({structure.m})")
+        if self._smoothers or self.independent:
+            raise ValueError(
+                "pruning runs with round to nearest or GPTQ quantization; AWQ, SmoothQuant and "
+                "--independent are not combined with it"
+            )
+        return self
+
+    @property
+    def structure(self) -> Structure:
+        return Structure.parse(self.mask)
+
+    def layer_sparsity(self, layer: int) -> float:
+        """The fraction pruned in decoder layer `layer`."""
+        if self.structure.structured:
+            return self.structure.sparsity
+        if isinstance(self.sparsity, tuple):
+            return self.sparsity[layer]
+        return 0.5 if self.sparsity is None else self.sparsity
+
+    @property
+    def quantizes(self) -> bool:
+        return self.scheme is not None or bool(self.groups)
+
     @property
     def scheme_groups(self) -> tuple[SchemeGroup, ...]:
         """The run's groups: `groups`, or the one group that scheme, targets and group_size
-        make."""
+        make (none when the run only prunes)."""
         if self.groups:
             return self.groups
+        if self.scheme is None:
+            return ()
         return (SchemeGroup(scheme=self.scheme, targets=self.targets, group_size=self.group_size),)
 
     @property
     def label(self) -> str:
-        """The scheme, or the mixed-precision groups, in words."""
+        """The scheme, or the mixed-precision groups, in words (with the pruning first)."""
+        quantized = self._quantized_label
+        if self.prune is None:
+            return quantized
+        pruned = f"{self.structure.label} sparse ({self.prune})"
+        return f"{pruned} + {quantized}" if quantized else pruned
+
+    @property
+    def _quantized_label(self) -> str | None:
         if not self.groups:
             return self.scheme
         if len(self.groups) == 1:
@@ -259,15 +332,36 @@ class PlannedGroup:
 
 
 @dataclass(frozen=True)
+class PlannedSparsity:
+    """The pruning of a run: its method and structure, and each pruned module's target."""
+
+    method: str
+    structure: Structure
+    modules: dict[str, float]  # module -> the fraction of its weight pruned
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "magnitude"
+
+
+@dataclass(frozen=True)
 class Plan:
-    """The resolved plan: the scheme of every quantized module, by config group, and the
-    modules left alone."""
+    """The resolved plan: the scheme of every quantized module, by config group, the modules
+    pruned, and the modules left alone. `modules`: every module whose weight the run changes
+    (quantized or pruned), in model order."""
 
     groups: tuple[PlannedGroup, ...]
     modules: tuple[str, ...]
     ignored: tuple[str, ...]
     fused: dict[str, tuple[str, ...]]
     kv_cache: QuantizationArgs | None = None  # quantization_config.kv_cache_scheme
+    sparsity: PlannedSparsity | None = None
+
+    def quantized(self, module: str) -> bool:
+        return module in self._by_module
+
+    def pruned(self, module: str) -> bool:
+        return self.sparsity is not None and module in self.sparsity.modules
 
     @property
     def mixed(self) -> bool:
@@ -294,10 +388,11 @@ class Plan:
         return [(g.scheme, members) for g, members in self.by_group(modules)]
 
     def by_group(self, modules) -> list[tuple[PlannedGroup, list[str]]]:
-        """`modules` split by their group, in group order."""
+        """The quantized ones of `modules` split by their group, in group order."""
         split: dict[str, list[str]] = {}
         for name in modules:
-            split.setdefault(self._by_module[name].name, []).append(name)
+            if name in self._by_module:
+                split.setdefault(self._by_module[name].name, []).append(name)
         return [(g, split[g.name]) for g in self.groups if g.name in split]
 
     @cached_property
@@ -311,7 +406,7 @@ class Plan:
     def estimated_output_bytes(self, source: ModelSource) -> int:
         """Input bytes with each quantized weight shrunk to its bits (scales: ~2 % more)."""
         shrink = 0
-        for name in self.modules:
+        for name in self._by_module:
             bits = self.scheme_of(name).weights.num_bits
             numel = source.modules[name].weight.numel()
             shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
@@ -338,15 +433,38 @@ def smoother_of(method: str) -> str | None:
 def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     """Resolve targets and ignore against the model; fail now on anything that cannot work."""
     linears = {n: m for n, m in source.modules.items() if isinstance(m, torch.nn.Linear)}
+    groups: tuple[PlannedGroup, ...] = ()
+    chosen: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    if options.quantizes:
+        groups, chosen, ignored = _quantized(source, linears, options)
+    sparsity = _pruned(source, linears, options) if options.prune else None
+    fused = _fused_groups(chosen)
+    _check_fused_alike(groups, fused)
+    for group in groups:
+        _check_divisible(group.scheme, group.modules, linears)
+        if solver_of(group.method) == "gptq":
+            _gptq_actorder(group.scheme, options.actorder)
+        _check_smoothing(group.scheme, group.method, options)
+    kv_cache = None
+    if options.kv_cache is not None:
+        kv_cache = kv_cache_args(options.kv_cache)
+        if not attention_modules(source.modules[source.layer_prefix or ""]):
+            raise LlmpressError(
+                f"--kv-cache: {source.path.name} has no attention modules with k/v projections "
+                "in its decoder layers to give k/v scales; drop --kv-cache"
+            )
+    pruned = sparsity.modules if sparsity is not None else {}
+    modules = tuple(n for n in linears if n in pruned or n in set(chosen))
+    return Plan(groups, modules, ignored, fused, kv_cache, sparsity)
+
+
+def _quantized(source: ModelSource, linears: dict, options: CompressOptions):
+    """The config groups, the quantized modules and the modules left alone."""
     specs = options.scheme_groups
     schemes = [spec.build(options.observer) for spec in specs]
     targets = tuple(dict.fromkeys(t for spec in specs for t in spec.targets))
-    unmatched = [t for t in targets if not any(_matches(n, m, t) for n, m in linears.items())]
-    if unmatched:
-        raise LlmpressError(
-            f"target {unmatched[0]!r} matches no Linear layer of {source.path.name}; "
-            f"example layer names: {', '.join(_examples(linears))}"
-        )
+    _check_targets(source, linears, targets)
     selected = [n for n, m in linears.items() if is_match(n, m, targets)]
     chosen = tuple(n for n in selected if not _matches_any(n, linears[n], options.ignore))
     # Readers apply config_groups to every module a target matches; a regex such as
@@ -367,12 +485,7 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     )
     if not chosen:
         raise LlmpressError("every targeted layer is ignored; nothing would be quantized")
-    missing = [n for n in chosen if f"{n}.weight" not in source.tensor_files]
-    if missing:
-        raise LlmpressError(
-            f"{len(missing)} targeted layers have no weight in the checkpoint (first: "
-            f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
-        )
+    _check_weights(source, chosen)
     members = _assign(chosen, linears, specs)
     groups = tuple(
         PlannedGroup(f"group_{i}", scheme, members[i], options.methods[i])
@@ -385,23 +498,68 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
             f"the group {empty.label} ({', '.join(empty.targets)}) quantizes nothing: more "
             "specific targets of other groups take all its modules"
         )
-    fused = _fused_groups(chosen)
-    _check_fused_alike(groups, fused)
+    return groups, chosen, ignored
 
-    for group in groups:
-        _check_divisible(group.scheme, group.modules, linears)
-        if solver_of(group.method) == "gptq":
-            _gptq_actorder(group.scheme, options.actorder)
-        _check_smoothing(group.scheme, group.method, options)
-    kv_cache = None
-    if options.kv_cache is not None:
-        kv_cache = kv_cache_args(options.kv_cache)
-        if not attention_modules(source.modules[source.layer_prefix or ""]):
+
+def _pruned(source: ModelSource, linears: dict, options: CompressOptions) -> PlannedSparsity:
+    """The modules pruned, each with its layer's sparsity: Linears inside decoder layers that
+    the sparsity targets match and its ignore does not (as llm-compressor's pruning
+    modifiers, which work on the decoder layers' modules); routers are never pruned."""
+    targets = options.sparsity_targets
+    if targets is None:
+        targets = tuple(dict.fromkeys(t for g in options.scheme_groups for t in g.targets))
+    targets = targets or DEFAULT_TARGETS
+    ignore = options.sparsity_ignore if options.sparsity_ignore is not None else options.ignore
+    _check_targets(source, linears, targets)
+    skipped = set(routers(source.modules))
+    chosen = [
+        n
+        for n, m in linears.items()
+        if is_match(n, m, targets)
+        and not _matches_any(n, m, ignore)
+        and n not in skipped
+        and source.layer_of(f"{n}.weight") is not None
+    ]
+    if not chosen:
+        raise LlmpressError(
+            "no Linear layer inside the decoder layers is left to prune by the sparsity "
+            "targets and ignore"
+        )
+    _check_weights(source, chosen)
+    structure = options.structure
+    for name in chosen:
+        check_columns(name, linears[name].in_features, structure)
+    modules = {n: options.layer_sparsity(source.layer_of(f"{n}.weight")) for n in chosen}
+    if isinstance(options.sparsity, tuple) and len(options.sparsity) != source.num_layers:
+        # llm-compressor 0.14 indexes a list by the modules its targets match, in model
+        # order (lm_head too): one per decoder layer only when it targets the layers.
+        matched = [n for n, m in linears.items() if is_match(n, m, targets)]
+        if len(options.sparsity) != len(matched):
             raise LlmpressError(
-                f"--kv-cache: {source.path.name} has no attention modules with k/v projections "
-                "in its decoder layers to give k/v scales; drop --kv-cache"
+                f"{len(options.sparsity)} sparsities given: give one per decoder layer "
+                f"({source.num_layers}), one per module the sparsity targets match "
+                f"({len(matched)}, as llm-compressor reads a list), or one for all"
             )
-    return Plan(groups, chosen, ignored, fused, kv_cache)
+        modules = {n: options.sparsity[matched.index(n)] for n in chosen}
+    return PlannedSparsity(options.prune, structure, modules)
+
+
+def _check_targets(source: ModelSource, linears: dict, targets: tuple[str, ...]) -> None:
+    unmatched = [t for t in targets if not any(_matches(n, m, t) for n, m in linears.items())]
+    if unmatched:
+        raise LlmpressError(
+            f"target {unmatched[0]!r} matches no Linear layer of {source.path.name}; "
+            f"example layer names: {', '.join(_examples(linears))}"
+        )
+
+
+def _check_weights(source: ModelSource, chosen) -> None:
+    missing = [n for n in chosen if f"{n}.weight" not in source.tensor_files]
+    if missing:
+        raise LlmpressError(
+            f"{len(missing)} targeted layers have no weight in the checkpoint (first: "
+            f"{missing[0]}.weight); is the model's naming unusual? --ignore them"
+        )
 
 
 def _assign(chosen, linears, specs) -> list[tuple[str, ...]]:

@@ -8,7 +8,8 @@ with a default. `checkpoint.recipe_yaml` writes what `read_recipe` reads back to
 options.
 
 Several config groups (or `scheme: {PRESET: [targets], ...}`) make a mixed-precision run, one
-preset per group. Sparsity modifiers are refused with a message saying so.
+preset per group. A pruning modifier (SparseGPTModifier, WandaPruningModifier,
+MagnitudePruningModifier) prunes alone, or before the quantization modifier in the same run.
 """
 
 from __future__ import annotations
@@ -67,11 +68,63 @@ MODIFIER_KEYS: dict[str, dict[str, str | None]] = {
         "num_calibration_steps": None,
     },
 }
+# The pruning modifiers: what each key sets, as for the others. llm-compressor's magnitude
+# modifier is a training-time schedule; in one shot its final sparsity is applied at once.
+_PRUNE_KEYS = {
+    "sparsity": "sparsity",
+    "mask_structure": "mask",
+    "targets": "sparsity_targets",
+    "ignore": "sparsity_ignore",
+    "sequential_targets": None,
+    "sequential_update": None,
+    "sparsity_profile": None,  # OWL: refused below
+    "owl_m": None,
+    "owl_lmbda": None,
+}
+MODIFIER_KEYS.update(
+    SparseGPTModifier={
+        **_PRUNE_KEYS,
+        "block_size": "block_size",
+        "dampening_frac": "dampening_frac",
+        "offload_hessians": "offload_hessians",
+        "preserve_sparsity_mask": None,  # refused below when true
+    },
+    WandaPruningModifier=dict(_PRUNE_KEYS),
+    MagnitudePruningModifier={
+        "targets": "sparsity_targets",
+        "ignore": "sparsity_ignore",
+        "final_sparsity": "sparsity",
+        "mask_structure": "mask",
+        "init_sparsity": None,
+        "start": None,
+        "end": None,
+        "update": None,
+        "update_scheduler": None,
+        "scheduler_args": None,
+        "leave_enabled": None,
+        "apply_globally": None,  # refused below when true
+    },
+)
+PRUNER_OF = {
+    "SparseGPTModifier": "sparsegpt",
+    "WandaPruningModifier": "wanda",
+    "MagnitudePruningModifier": "magnitude",
+}
 # Accepted for llm-compressor's recipes, with no effect here: llmpress infers the smoothing
 # mappings from the model, always runs decoder layers in sequence, and keeps its tensors where
 # `--device` puts them.
 NO_EFFECT = {"mappings", "sequential_update", "sequential_targets", "offload_device",
-             "num_calibration_steps"}  # fmt: skip
+             "num_calibration_steps", "init_sparsity", "start", "end", "update",
+             "update_scheduler", "scheduler_args", "leave_enabled"}  # fmt: skip
+# Keys whose only supported value is off: what llmpress does not do, refused when asked for.
+UNSUPPORTED = {
+    "sparsity_profile": "OWL's outlier-weighted layer sparsities are not supported; give "
+    "`sparsity` as a list, one per decoder layer",
+    "owl_m": "OWL is not supported",
+    "owl_lmbda": "OWL is not supported",
+    "preserve_sparsity_mask": "llmpress prunes dense models; an existing mask is not kept",
+    "apply_globally": "global magnitude pruning is not supported (llm-compressor neither)",
+}
 SPARSITY_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier", "MagnitudePruningModifier")
 QUANTIZERS = ("QuantizationModifier", "GPTQModifier")
 
@@ -83,21 +136,23 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
     modifiers = _modifiers(data)
     names = [name for name, _, _ in modifiers]
     for name, where, _ in modifiers:
-        if name in SPARSITY_MODIFIERS:
-            raise LlmpressError(
-                f"{where}: {name} (sparsification) is not supported yet by llmpress; "
-                "quantization modifiers are"
-            )
         if name not in MODIFIER_KEYS:
-            known = ", ".join([*MODIFIER_KEYS, *SPARSITY_MODIFIERS])
+            known = ", ".join(MODIFIER_KEYS)
             raise LlmpressError(f"{where}: unknown modifier {name!r}; known: {known}")
     quantizers = [m for m in modifiers if m[0] in QUANTIZERS]
+    pruners = [m for m in modifiers if m[0] in SPARSITY_MODIFIERS]
     awq = next((a for n, _, a in modifiers if n == "AWQModifier"), None)
     awq_own = awq is not None and (awq.get("scheme") or awq.get("config_groups")) is not None
-    if len(quantizers) > 1 or (not quantizers and not awq_own):
+    if len(pruners) > 1:
         raise LlmpressError(
-            "a recipe needs exactly one QuantizationModifier or GPTQModifier (the scheme); "
-            f"this one has {len(quantizers)}: {', '.join(names) or 'no modifiers'}"
+            f"a recipe takes one pruning modifier; this one has {len(pruners)}: "
+            + ", ".join(n for n, _, _ in pruners)
+        )
+    if len(quantizers) > 1 or (not quantizers and not awq_own and not pruners):
+        raise LlmpressError(
+            "a recipe needs exactly one QuantizationModifier or GPTQModifier (the scheme), or "
+            f"a pruning modifier; this one has {len(quantizers)}: "
+            f"{', '.join(names) or 'no modifiers'}"
         )
     for name in ("AWQModifier", "SmoothQuantModifier"):
         if names.count(name) > 1:
@@ -113,6 +168,8 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
                 raise LlmpressError(
                     f"{where}.{key}: unknown key for {name}; it takes {', '.join(allowed)}"
                 )
+            if key in UNSUPPORTED and args[key] not in (None, False):
+                raise LlmpressError(f"{where}.{key}: {UNSUPPORTED[key]}")
             if key in NO_EFFECT and args[key] is not None:
                 log.warning("%s.%s: accepted, no effect in llmpress (%s)", where, key,
                             "mappings are inferred from the model" if key == "mappings"
@@ -120,7 +177,22 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
         for key, option in allowed.items():
             if option is not None and key in args and args[key] is not None:
                 value = args[key]
-                fields[option] = _as_tuple(value) if option in ("targets", "ignore") else value
+                if option in ("targets", "ignore", "sparsity_targets", "sparsity_ignore"):
+                    value = _as_tuple(value)
+                elif option == "sparsity" and isinstance(value, list):
+                    value = tuple(value)
+                if option in fields and fields[option] != value:
+                    raise LlmpressError(
+                        f"{where}.{key}: {value!r}, but another modifier gives {fields[option]!r}"
+                        "; the two share one solve here: give the same value"
+                    )
+                fields[option] = value
+    if pruners:
+        fields["prune"] = PRUNER_OF[pruners[0][0]]
+        if str(fields.get("mask", "")).strip() == "0:0":
+            fields["mask"] = "unstructured"
+        if not quantizers and not awq_own:
+            return fields
     own = _scheme_fields("AWQModifier", awq) if awq_own else None
     if not quantizers:  # an AWQModifier with its own scheme quantizes (round to nearest)
         return _with_scheme(fields, own) | {"method": "awq"}

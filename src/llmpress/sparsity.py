@@ -1,0 +1,126 @@
+"""Pruning: which weights become zero, by magnitude (|W|), by Wanda (|W| times the norm of its
+input channel; Sun et al., 2023, arXiv:2306.11695) or, inside the column solve of
+`llmpress.gptq`, by SparseGPT (Frantar & Alistarh, 2023, arXiv:2301.00774); and how to check
+a stored weight against its structure.
+
+Structures follow llm-compressor's `mask_structure`: "unstructured", or "N:M": N weights of
+every M consecutive ones of a row (along the input) are zero, as the sparse tensor cores of
+NVIDIA GPUs want 2:4. Masks are boolean, True where a weight is pruned, and always prune an
+exact count: ties never push a layer over its target.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.errors import LlmpressError
+
+PRUNERS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Unstructured (n = m = 0), or n zeros in every m consecutive weights of a row."""
+
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Structure:
+        """ "unstructured" (or llm-compressor's "0:0"), or "N:M" with 0 < N < M."""
+        text = str(text).strip().lower()
+        if text in ("unstructured", "0:0"):
+            return cls()
+        found = re.fullmatch(r"(\d+):(\d+)", text)
+        if not found or not 0 < int(found[1]) < int(found[2]):
+            raise ValueError(
+                f"mask {text!r}: use unstructured, or N:M with 0 < N < M (N zeros in every M "
+                "consecutive weights of a row, e.g. 2:4)"
+            )
+        return cls(int(found[1]), int(found[2]))
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction an N:M structure prunes."""
+        return self.n / self.m
+
+
+def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A mask of the `count` lowest scores of the whole tensor."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if count > 0:
+        mask[torch.topk(scores.flatten(), count, largest=False, sorted=False).indices] = True
+    return mask.reshape(scores.shape)
+
+
+def lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A mask of the `count` lowest scores of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if count > 0:
+        mask.scatter_(
+            1, torch.topk(scores, count, dim=1, largest=False, sorted=False).indices, True
+        )
+    return mask
+
+
+def lowest_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A mask of the n lowest scores in every m consecutive columns of each row."""
+    rows, columns = scores.shape
+    blocks = scores.reshape(rows, columns // m, m)
+    mask = torch.zeros_like(blocks, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(blocks, n, dim=2, largest=False, sorted=False).indices, True)
+    return mask.reshape(rows, columns)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, structure: Structure) -> torch.Tensor:
+    """The smallest weights by |W|: `sparsity` of the whole tensor, or N of every M."""
+    scores = weight.abs().float()
+    if structure.structured:
+        return lowest_n_of_m(scores, structure.n, structure.m)
+    return lowest(scores, int(weight.numel() * sparsity))
+
+
+def wanda_mask(
+    weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float, structure: Structure
+) -> torch.Tensor:
+    """Wanda's mask: the lowest |W_ij| * ||x_j||, `sparsity` of each output row (the paper's
+    per-output comparison group), or N of every M."""
+    scores = weight.abs().float() * input_norms.to(weight.device, torch.float32).reshape(1, -1)
+    if structure.structured:
+        return lowest_n_of_m(scores, structure.n, structure.m)
+    return lowest_per_row(scores, int(weight.shape[1] * sparsity))
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def n_m_violations(weight: torch.Tensor, structure: Structure) -> int:
+    """How many blocks of M consecutive weights of a row hold fewer than N zeros."""
+    if not structure.structured:
+        return 0
+    rows, columns = weight.shape
+    if columns % structure.m:
+        return rows * -(-columns // structure.m)
+    zeros = (weight == 0).reshape(rows, columns // structure.m, structure.m).sum(dim=2)
+    return int((zeros < structure.n).sum())
+
+
+def check_columns(name: str, columns: int, structure: Structure) -> None:
+    """N:M blocks tile a row: M must divide the input features."""
+    if structure.structured and columns % structure.m:
+        raise LlmpressError(
+            f"{name} has {columns} input features, which {structure.label} blocks of "
+            f"{structure.m} do not tile; --ignore it or use another mask"
+        )

@@ -124,3 +124,23 @@ def test_an_independent_run_resumes_every_stage(tokenized_llama, tmp_path):
     got, want = _files(out), _files(whole)
     del got["llmpress.json"], want["llmpress.json"]  # GPTQ's timings differ
     assert got == want
+
+
+def test_a_pruning_run_resumes_to_the_same_bytes(tokenized_llama, tmp_path):
+    """SparseGPT 2:4 + FP8, killed midway and resumed: the same tensors as a whole run, and
+    the manifest's sparsity (journaled per layer) complete and equal."""
+    pruning = dict(method="sparsegpt", mask="2:4")
+    whole = tmp_path / "whole"
+    compress(str(tokenized_llama), str(whole), "FP8_DYNAMIC", progress=False,
+             max_shard_size=SHARD, **pruning, **ARGS)  # fmt: skip
+    out = tmp_path / "cut"
+    how = ("--scheme", "FP8_DYNAMIC", "--method", "sparsegpt", "--mask", "2:4")
+    record = _kill_midway(tokenized_llama, out, after_layers=4, how=how)
+    assert 4 <= record["layers_done"] < LAYERS
+    compress(str(tokenized_llama), str(out), "FP8_DYNAMIC", progress=False, resume=True,
+             max_shard_size=SHARD, **pruning, **ARGS)  # fmt: skip
+    cut, full = _files(out), _files(whole)
+    manifests = [json.loads(files.pop("llmpress.json")) for files in (cut, full)]
+    assert cut == full  # the manifest's GPTQ report holds timings, the rest is the same
+    assert manifests[0]["sparsity"] == manifests[1]["sparsity"]
+    assert len(manifests[0]["sparsity"]["modules"]) == 7 * LAYERS

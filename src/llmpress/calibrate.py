@@ -132,7 +132,9 @@ class ChannelStats:
     (what smoothing needs), and the root mean square (Wanda's input norms); a smoothed input
     x / s is followed by `divide(s)`."""
 
-    def __init__(self, channels: int, device):
+    def __init__(self, channels: int, device, extremes: bool = True, squares: bool = False):
+        """`extremes`: min, max and mean |x| (smoothing); `squares`: the mean square (Wanda)."""
+        self.extremes, self.squares = extremes, squares
         self.lo = torch.full((channels,), float("inf"), device=device)
         self.hi = torch.full((channels,), float("-inf"), device=device)
         self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
@@ -141,11 +143,14 @@ class ChannelStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        lo, hi = torch.aminmax(x, dim=0)
-        self.lo = torch.minimum(self.lo, lo.float())
-        self.hi = torch.maximum(self.hi, hi.float())
-        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
-        self.square_sum += x.float().square().sum(dim=0, dtype=torch.float64)
+        if self.extremes:
+            lo, hi = torch.aminmax(x, dim=0)
+            self.lo = torch.minimum(self.lo, lo.float())
+            self.hi = torch.maximum(self.hi, hi.float())
+            self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        if self.squares:  # one batch summed in float32 (vectorized), the batches in float64
+            x = x.float()
+            self.square_sum += (x * x).sum(dim=0).double()
         self.tokens += x.shape[0]
 
     def rms(self) -> torch.Tensor:
@@ -189,11 +194,14 @@ class _InputObserver:
         offload: bool = False,
         stop: bool = True,
         channels: bool = False,
+        squares: bool = False,
     ):
         """`stop`: cut each batch's forward short once every module has been seen;
-        `channels`: also per-channel statistics of each input (smoothing)."""
+        `channels`: also per-channel statistics of each input (smoothing); `squares`: only
+        their mean squares (Wanda)."""
+        self.squares = squares
         self.ranges, self.device, self.offload, self.stop = ranges, device, offload, stop
-        self.channels: dict[str, ChannelStats] | None = {} if channels else None
+        self.channels: dict[str, ChannelStats] | None = {} if channels or squares else None
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
         self.hessians: dict[str, Hessian] | None = {} if hessians else None
@@ -246,7 +254,9 @@ class _InputObserver:
         if stats is None:  # first batch: share the statistics of a module given this tensor
             stats = fed.get("channels")
             if stats is None:
-                stats = ChannelStats(x.shape[-1], x.device)
+                stats = ChannelStats(
+                    x.shape[-1], x.device, extremes=not self.squares, squares=self.squares
+                )
             self.channels[name] = stats
         if ("channels", id(stats)) not in fed:
             stats.add(x)
@@ -475,7 +485,8 @@ class StaticCalibration:
                 device=self.device,
                 offload=self.offload_hessians,
                 stop=not stage.one_pass,
-                channels=bool(stage.smooths) or wanda,
+                channels=bool(stage.smooths),
+                squares=wanda,  # pruning never smooths
             )
             hooks = [
                 self.runner.modules[n].register_forward_pre_hook(watch.hook(n)) for n in watched

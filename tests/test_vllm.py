@@ -53,7 +53,7 @@ SERVED: dict[str, dict[str, Any]] = {
         num_samples=8,
         seq_len=128,
     ),
-    # 2:4 sparse by SparseGPT, pruned and quantized in one solve, stored dense with zeros
+    # 2:4 sparse by SparseGPT, then quantized by GPTQ on the same Hessians, stored dense
     # (vLLM reads sparsity_config without targets; it refuses sparse formats).
     "SPARSE24-FP8_DYNAMIC": dict(
         scheme="FP8_DYNAMIC",

@@ -507,9 +507,9 @@ class StaticCalibration:
         states, packed = {}, {}
         for group, members in plan.by_group(part):  # one group at a time
             scheme = group.scheme
-            # Solved on the Hessians: GPTQ's groups, and SparseGPT's pruned modules (pruned
-            # and quantized in one solve); rounded to nearest: the others (Wanda's and
-            # magnitude's pruned ones after their masks).
+            # Solved on the Hessians: GPTQ's groups, and SparseGPT's pruned modules (pruned,
+            # then quantized by GPTQ on the same Hessian); rounded to nearest: the others
+            # (Wanda's and magnitude's pruned ones after their masks).
             solve = [
                 m
                 for m in members
@@ -588,7 +588,7 @@ class StaticCalibration:
     ) -> dict[str, dict[str, torch.Tensor]]:
         """GPTQ-solved states of one layer's modules of one scheme (None: pruned only).
         Modules sharing a Hessian are solved together, stacked by rows, where their parameters
-        are per row or group. Pruned modules are pruned in the same solve: by SparseGPT, or
+        are per row or group. Pruned modules are pruned on the same Hessian: by SparseGPT, or
         by their fixed `masks` (Wanda's, magnitude's), the solve compensating the removals."""
         device = self.device
         args = scheme.weights if scheme is not None else None

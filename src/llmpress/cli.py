@@ -139,8 +139,8 @@ def main() -> None:
     help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
     "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "
     "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8). "
-    "Pruning (--sparsity, --mask), alone or with --scheme: sparsegpt (prunes and quantizes in "
-    "one solve on --dataset's Hessians), wanda (by |weight| x input norm; +gptq: then GPTQ), "
+    "Pruning (--sparsity, --mask), alone or with --scheme: sparsegpt (prunes on --dataset's "
+    "Hessians, then GPTQ quantizes on the same ones), wanda (by |weight| x input norm; +gptq: then GPTQ), "
     "magnitude (by |weight|, no data).",
 )
 @click.option(

@@ -44,7 +44,7 @@ is quantized, with one both tools prune, then quantize in the same run. llm-comp
 prune-and-quantize solve like llmpress' sparsegpt, and its `GPTQModifier` does not keep the
 pruned zeros; nor has it one-shot magnitude pruning. The tools `llmpress-sparsegpt`,
 `llmpress-wanda` and `llmpress-magnitude` (and, with a scheme, `llmpress-wanda+gptq`,
-`llmpress-magnitude+gptq`) run llmpress with that pruning method and otherwise the same
+`llmpress-magnitude+gptq`, `llmpress-sparsegpt+gptq`) run llmpress with that pruning method and otherwise the same
 arguments, so one run gives the whole table; each output's achieved
 sparsity (exact zeros over the decoder layers' Linear weights, as transformers loads it)
 and, for N:M, whether every weight holds the pattern are reported and checked:
@@ -101,11 +101,11 @@ DATASET = "pydoc-calibration"
 PRUNERS = ("sparsegpt", "wanda", "magnitude")
 ANCHOR_PRUNERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruning modifiers
 # llmpress-1pass: --propagate original; llmpress-PRUNER: that pruning method, else the same.
-# llmpress-wanda+gptq, llmpress-magnitude+gptq: prune, then GPTQ (needs --scheme).
+# llmpress-{sparsegpt,wanda,magnitude}+gptq: prune, then GPTQ (needs --scheme).
 LLMPRESS_TOOLS = (
     "llmpress",
     "llmpress-1pass",
-    *(f"llmpress-{p}" for p in (*PRUNERS, "wanda+gptq", "magnitude+gptq")),
+    *(f"llmpress-{p}" for p in (*PRUNERS, "sparsegpt+gptq", "wanda+gptq", "magnitude+gptq")),
 )
 ONESHOT_TOOLS = ("oneshot", *(f"oneshot-{p}" for p in ANCHOR_PRUNERS))
 TOOLS = (*LLMPRESS_TOOLS, *ONESHOT_TOOLS, "rtn")

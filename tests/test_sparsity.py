@@ -138,7 +138,9 @@ RUNS = {
     "wanda-2:4": dict(method="wanda", mask="2:4"),
     "magnitude-0.5": dict(method="magnitude"),
     "sparsegpt-2:4-FP8_DYNAMIC": dict(method="sparsegpt", mask="2:4", scheme="FP8_DYNAMIC"),
-    "sparsegpt-2:4-W4A16": dict(method="sparsegpt", mask="2:4", scheme="W4A16", group_size=64),
+    "sparsegpt+gptq-2:4-W4A16": dict(
+        method="sparsegpt+gptq", mask="2:4", scheme="W4A16", group_size=64
+    ),
     "wanda+gptq-2:4-W8A8": dict(method="wanda+gptq", mask="2:4", scheme="W8A8"),
     "magnitude-2:4-W4A16_ASYM": dict(method="magnitude", mask="2:4", scheme="W4A16_ASYM"),
 }
@@ -189,7 +191,7 @@ def test_the_structure_holds_after_save_and_reload(name, runs):
 
 
 def test_compressed_tensors_reads_the_same_sparse_weights_as_transformers(runs):
-    checkpoint = runs["sparsegpt-2:4-W4A16"]
+    checkpoint = runs["sparsegpt+gptq-2:4-W4A16"]
     from llmpress.calibrate import dequantized_weight
 
     scheme = preset_name_to_scheme("W4A16", ["Linear"])
@@ -203,14 +205,19 @@ def test_compressed_tensors_reads_the_same_sparse_weights_as_transformers(runs):
             assert n_m_violations(weight, TWO_FOUR) == 0
 
 
-def test_sparsegpt_with_quantization_solves_both_below_magnitude_and_rtn(runs):
-    """One solve prunes and quantizes each module: its output error on the calibration inputs
-    is below magnitude pruning then round to nearest, for every module."""
-    for name in ("sparsegpt-2:4-FP8_DYNAMIC", "sparsegpt-2:4-W4A16"):
-        report = manifest(runs[name])["gptq"]
-        assert len(report) == 14
-        for module, entry in report.items():
-            assert entry["loss"] < entry["loss_magnitude"], (name, module)
+def test_sparsegpt_then_quantization_is_below_magnitude_and_rtn(runs):
+    """SparseGPT's pruning (then GPTQ on the same Hessian, for sparsegpt+gptq): each module's
+    output error on the calibration inputs is below magnitude pruning's (then round to
+    nearest), for every module; without +gptq the pruned weights are rounded to nearest, as
+    llm-compressor's SparseGPTModifier then QuantizationModifier do."""
+    report = manifest(runs["sparsegpt+gptq-2:4-W4A16"])["gptq"]
+    assert len(report) == 14
+    for module, entry in report.items():
+        assert entry["loss"] < entry["loss_magnitude"], module
+    checkpoint = manifest(runs["sparsegpt-2:4-FP8_DYNAMIC"])
+    assert "gptq" not in checkpoint and len(checkpoint["sparsegpt"]) == 14
+    for module, entry in checkpoint["sparsegpt"].items():
+        assert entry["loss"] < entry["loss_magnitude"], module
 
 
 def test_magnitude_pruning_is_exactly_the_smallest_weights(with_tokenizer, runs):
@@ -287,8 +294,8 @@ def test_sparsity_targets_differ_from_the_quantized_ones(with_tokenizer, tmp_pat
     for module, weight in weights.items():
         sparse = n_m_violations(weight, TWO_FOUR) == 0
         assert sparse == (".mlp." in module), module
-    # The pruned modules are solved (pruned and quantized at once); attention is rounded.
-    assert set(manifest(out)["gptq"]) == set(manifest(out)["sparsity"]["modules"])
+    # SparseGPT solved the pruned modules; everything was then rounded to nearest.
+    assert set(manifest(out)["sparsegpt"]) == set(manifest(out)["sparsity"]["modules"])
 
 
 # --- recipes ---------------------------------------------------------------------------------

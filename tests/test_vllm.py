@@ -53,7 +53,8 @@ SERVED: dict[str, dict[str, Any]] = {
         num_samples=8,
         seq_len=128,
     ),
-    # 2:4 sparse by SparseGPT, then quantized by GPTQ on the same Hessians, stored dense
+    # 2:4 sparse by SparseGPT, then rounded to nearest (FP8) or solved by GPTQ (W4A16),
+    # stored dense with its zeros
     # (vLLM reads sparsity_config without targets; it refuses sparse formats).
     "SPARSE24-FP8_DYNAMIC": dict(
         scheme="FP8_DYNAMIC",
@@ -66,7 +67,7 @@ SERVED: dict[str, dict[str, Any]] = {
     "SPARSE24-W4A16": dict(
         scheme="W4A16",
         group_size=64,
-        method="sparsegpt",
+        method="sparsegpt+gptq",
         mask="2:4",
         dataset="pydoc-calibration",
         num_samples=8,

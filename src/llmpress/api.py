@@ -97,9 +97,9 @@ def compress(
     layer; AWQ's default, as AutoAWQ and llm-compressor calibrate it).
     `independent`: with several modifiers (AWQ or SmoothQuant, then quantization), calibrate
     each on its own hidden states, as one run per modifier would, not all in one pass.
-    Pruning: `method="sparsegpt"`, `"wanda"` or `"magnitude"` (with or without a `scheme`;
-    "wanda+gptq" or "magnitude+gptq" quantize by GPTQ after the mask; SparseGPT always solves
-    pruning and quantization together) zeroes `sparsity` of each weight (default 0.5; a list:
+    Pruning: `method="sparsegpt"`, `"wanda"` or `"magnitude"` (with or without a `scheme`,
+    whose quantization then rounds the pruned weights to nearest; "sparsegpt+gptq",
+    "wanda+gptq", "magnitude+gptq": by GPTQ, zeros kept) zeroes `sparsity` of each weight (default 0.5; a list:
     one per decoder layer) in the `mask` structure ("unstructured" or "N:M", e.g. "2:4"), in
     the modules `sparsity_targets` / `sparsity_ignore` select (default: the run's).
     The input is never modified and OUTPUT appears only when complete; `resume` continues an interrupted calibrated run, `max_memory` bounds the bytes of

@@ -507,15 +507,18 @@ class StaticCalibration:
         states, packed = {}, {}
         for group, members in plan.by_group(part):  # one group at a time
             scheme = group.scheme
-            # Solved on the Hessians: GPTQ's groups, and SparseGPT's pruned modules (pruned,
-            # then quantized by GPTQ on the same Hessian); rounded to nearest: the others
-            # (Wanda's and magnitude's pruned ones after their masks).
-            solve = [
-                m
-                for m in members
-                if solver_of(group.method) == "gptq" or (pruner == "sparsegpt" and plan.pruned(m))
-            ]
+            # Solved on the Hessians: GPTQ's groups (SparseGPT's pruned modules pruned first,
+            # on the same Hessian); rounded to nearest: the others, pruned first by SparseGPT
+            # or by their masks (Wanda's, magnitude's), as llm-compressor's pruning modifier
+            # then its QuantizationModifier.
+            gptq_solved = solver_of(group.method) == "gptq"
+            solve = members if gptq_solved else []
             rest = {m: weights[m] for m in members if m not in solve}
+            first = [m for m in rest if pruner == "sparsegpt" and plan.pruned(m)]
+            if first:
+                mine = {m: weights[m] for m in first}
+                done = self._gptq_states(mine, None, watch.hessians, observer, masks)
+                rest.update((m, done[m]["weight"].to(weights[m].dtype)) for m in first)
             solved = {}
             if solve:
                 mine = {m: weights[m] for m in solve}

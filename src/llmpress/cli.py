@@ -131,6 +131,7 @@ def main() -> None:
             "sparsegpt",
             "wanda",
             "magnitude",
+            "sparsegpt+gptq",
             "wanda+gptq",
             "magnitude+gptq",
         ]  # fmt: skip
@@ -139,9 +140,9 @@ def main() -> None:
     help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
     "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "
     "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8). "
-    "Pruning (--sparsity, --mask), alone or with --scheme: sparsegpt (prunes on --dataset's "
-    "Hessians, then GPTQ quantizes on the same ones), wanda (by |weight| x input norm; +gptq: then GPTQ), "
-    "magnitude (by |weight|, no data).",
+    "Pruning (--sparsity, --mask), alone or with --scheme (then rounded to nearest; "
+    "+gptq: GPTQ on the same Hessians, zeros kept): sparsegpt (prunes on --dataset's "
+    "Hessians), wanda (by |weight| x input norm), magnitude (by |weight|, no data).",
 )
 @click.option(
     "--sparsity",

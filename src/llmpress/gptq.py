@@ -230,8 +230,8 @@ def gptq_quantize(
     (SparseGPT's own mask, not a fixed one) the weight is pruned by SparseGPT first, then
     quantized by GPTQ on the same Hessian with its zeros kept: quantization ranges are then
     those of the pruned weight, which the pruning's updates make larger than the original's
-    (a single joint solve, ranges from the original weight, saturated FP8: perplexity 30.76
-    against 29.87 for pruning then rounding, BENCHMARKS.md). `args` None: pruned only."""
+    (the SparseGPT paper's joint solve takes them from the original weight). `args` None:
+    pruned only."""
     if prune is not None and prune.fixed is None and args is not None:
         start = time.perf_counter()
         pruned = gptq_quantize(weight, hessian, None, options, prune=prune)

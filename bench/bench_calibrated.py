@@ -100,13 +100,17 @@ from benchlib import (
 DATASET = "pydoc-calibration"
 PRUNERS = ("sparsegpt", "wanda", "magnitude")
 ANCHOR_PRUNERS = ("sparsegpt", "wanda")  # llm-compressor's one-shot pruning modifiers
-# llmpress-1pass: --propagate original; llmpress-PRUNER: that pruning method, else the same.
+# llmpress-1pass: --propagate original; llmpress-2pass: --propagate compressed (the two passes
+# per layer that SparseGPT and Wanda ran by default before "sequential");
+# llmpress-PRUNER: that pruning method, else the same.
 # llmpress-{sparsegpt,wanda,magnitude}+gptq: prune, then GPTQ (needs --scheme).
 LLMPRESS_TOOLS = (
     "llmpress",
     "llmpress-1pass",
+    "llmpress-2pass",
     *(f"llmpress-{p}" for p in (*PRUNERS, "sparsegpt+gptq", "wanda+gptq", "magnitude+gptq")),
 )
+PROPAGATION = {"llmpress": None, "llmpress-1pass": "original", "llmpress-2pass": "compressed"}
 ONESHOT_TOOLS = ("oneshot", *(f"oneshot-{p}" for p in ANCHOR_PRUNERS))
 TOOLS = (*LLMPRESS_TOOLS, *ONESHOT_TOOLS, "rtn")
 EVAL_LLMPRESS = ROOT / ".venv" / "bin" / "llmpress"  # eval needs the dev env (lm-eval et al.)
@@ -322,7 +326,7 @@ def prunes(method: str) -> bool:
 
 def tool_method(tool: str, args: argparse.Namespace) -> str:
     """The method a tool runs: --method (--anchor-method for oneshot), or its name's suffix."""
-    if tool in ("llmpress", "llmpress-1pass"):
+    if tool in PROPAGATION:
         return args.method
     if tool == "oneshot":
         return args.anchor_method or args.method
@@ -384,7 +388,7 @@ def command(tool: str, out: Path, args: argparse.Namespace, ids_path: Path) -> l
         ]
     if tool in LLMPRESS_TOOLS:
         name = tool_method(tool, args)
-        method = ["--propagate", "original"] if tool == "llmpress-1pass" else []
+        method = ["--propagate", PROPAGATION[tool]] if PROPAGATION.get(tool) else []
         method += shlex.split(args.llmpress_flags)
         if name != "rtn":
             method += ["--method", name]

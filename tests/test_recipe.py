@@ -134,8 +134,6 @@ BAD = [
      "quant_stage.quant_modifiers.GPTQModifier.damping: unknown key for GPTQModifier"),
     ("quant_stage:\n  quant_modifiers:\n    QuantModifier:\n      scheme: W4A16",
      "quant_stage.quant_modifiers.QuantModifier: unknown modifier 'QuantModifier'"),
-    ("quant_stage:\n  quant_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5",
-     "SparseGPTModifier (sparsification) is not supported yet"),
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      scheme: W5A5",
      "quant_stage.quant_modifiers.QuantizationModifier.scheme: unknown scheme 'W5A5'"),
     ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: [Linear]",

@@ -136,6 +136,7 @@ RUNS = {
     "sparsegpt-2:4": dict(method="sparsegpt", mask="2:4"),
     "sparsegpt-unstructured-0.6": dict(method="sparsegpt", sparsity=0.6),
     "wanda-2:4": dict(method="wanda", mask="2:4"),
+    "wanda-2:4-two-passes": dict(method="wanda", mask="2:4", propagate="compressed"),
     "magnitude-0.5": dict(method="magnitude"),
     "sparsegpt-2:4-FP8_DYNAMIC": dict(method="sparsegpt", mask="2:4", scheme="FP8_DYNAMIC"),
     "sparsegpt+gptq-2:4-W4A16": dict(
@@ -231,14 +232,25 @@ def test_magnitude_pruning_is_exactly_the_smallest_weights(with_tokenizer, runs)
         assert torch.equal(state["weight"], expected), module
 
 
-def test_wanda_prunes_by_the_norms_of_the_real_inputs(with_tokenizer, runs):
+@pytest.mark.parametrize(
+    "run, reference",
+    [
+        # One pass (the default): each module pruned on what it sees in the pruned model,
+        # its predecessors in the layer pruned already.
+        ("wanda-2:4", "output"),
+        # Two passes: the whole layer observed before any module is pruned.
+        ("wanda-2:4-two-passes", "input"),
+    ],
+)
+def test_wanda_prunes_by_the_norms_of_the_real_inputs(with_tokenizer, runs, run, reference):
     """Layer 0's Wanda masks are those of |W| times the inputs' norms, recomputed here from
-    transformers' own forward of the calibration samples."""
+    transformers' own forward of the calibration samples through the original model, or
+    through the pruned one as written."""
     model = with_tokenizer["llama"]
     original = load_file(model / "model.safetensors")
-    stored = stored_modules(runs["wanda-2:4"])
+    stored = stored_modules(runs[run])
     names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
-    inputs = layer0_inputs(model, names, CALIBRATION)
+    inputs = layer0_inputs(runs[run] if reference == "output" else model, names, CALIBRATION)
     for name in names:
         module = f"model.layers.0.{name}"
         weight = original[f"{module}.weight"]
@@ -247,6 +259,18 @@ def test_wanda_prunes_by_the_norms_of_the_real_inputs(with_tokenizer, runs):
         kept = stored[module]["weight"] != 0
         # Equal up to near-ties in the scores (bf16 inputs summed in another order).
         assert (kept == ~mask).float().mean() > 0.99, name
+
+
+def test_one_pass_and_two_passes_prune_differently_past_the_first_modules(runs):
+    """The one-pass default is not the two-pass run under another name: o_proj onwards see
+    pruned inputs there, so some of their masks differ; q/k/v read the same inputs in both."""
+    one, two = stored_modules(runs["wanda-2:4"]), stored_modules(runs["wanda-2:4-two-passes"])
+    prefix = "model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(one[prefix + name]["weight"] != 0, two[prefix + name]["weight"] != 0)
+    assert not torch.equal(
+        one[prefix + "mlp.down_proj"]["weight"] != 0, two[prefix + "mlp.down_proj"]["weight"] != 0
+    )
 
 
 def test_per_layer_sparsities(with_tokenizer, tmp_path):
@@ -515,8 +539,11 @@ def test_on_smollm2_sparsegpt_and_wanda_beat_magnitude_at_2_4(smollm2_pruned):
 
 
 def test_pruned_layers_propagate_their_pruned_outputs_by_default(with_tokenizer):
-    """As llm-compressor's sequential pipeline: each layer calibrates on the outputs of the
-    pruned layers before it (two passes per layer); `--propagate original` makes it one."""
+    """Each layer calibrates on the outputs of the pruned layers before it, as in
+    llm-compressor's sequential pipeline, and each module on those of the pruned modules
+    before it in its layer, in one pass per layer; `--propagate compressed` gives two passes
+    (the whole layer observed first), `--propagate original` one pass on the original model's
+    activations. Smoothing and the KV cache need the whole layer observed: two passes."""
     from llmpress.api import dry_run
     from llmpress.calibrate import stages_of
 
@@ -525,8 +552,16 @@ def test_pruned_layers_propagate_their_pruned_outputs_by_default(with_tokenizer)
         options = compress_options(scheme, method="sparsegpt", dataset="pydoc-calibration")
         plan = build_plan(ModelSource.open(model), options)
         (stage,) = stages_of(plan, options.independent, options.propagate)
-        assert not stage.one_pass
-        assert dry_run(model, options)["calibration"]["propagate"] == "compressed"
-        plan_original = build_plan(ModelSource.open(model), options)
-        (stage,) = stages_of(plan_original, False, "original")
-        assert stage.one_pass
+        assert stage.sequential and not stage.one_pass
+        assert dry_run(model, options)["calibration"]["propagate"] == "sequential"
+        (stage,) = stages_of(plan, False, "compressed")
+        assert not stage.sequential and not stage.one_pass
+        (stage,) = stages_of(plan, False, "original")
+        assert stage.one_pass and not stage.sequential
+    options = compress_options(
+        "FP8_DYNAMIC", method="sparsegpt", kv_cache="fp8", dataset="pydoc-calibration"
+    )
+    assert dry_run(model, options)["calibration"]["propagate"] == "compressed"
+    plan = build_plan(ModelSource.open(model), options)
+    with pytest.raises(LlmpressError, match="--kv-cache need a whole layer observed first"):
+        stages_of(plan, False, "sequential")

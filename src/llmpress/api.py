@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,6 +27,8 @@ from llmpress.quantize import check_finite, compress_layer
 from llmpress.schemes import CALIBRATED
 from llmpress.source import ModelSource
 from llmpress.writer import RESUME_DIR, CheckpointWriter, partial_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -248,23 +251,26 @@ def dry_run(
             if source.layer_of(n) is not None
         )
         # Passes per layer: observe inputs (static scales, Hessians), observe the KV cache,
-        # run compressed; with propagate="original" the observing pass is the only one.
+        # run compressed; with propagate "original" or "sequential" one pass in all.
         # 2 flops per weight and token.
-        stages = stages_of(plan, options.independent, options.propagate)  # each its own passes
+        propagate = _propagate(source, options, max_memory)
+        stages = stages_of(plan, options.independent, propagate)  # each its own passes
         two_pass = 1 + (static or observed) + (plan.kv_cache is not None)
-        passes = sum(1 if stage.one_pass else two_pass for stage in stages)
+        passes = sum(1 if stage.one_pass or stage.sequential else two_pass for stage in stages)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
         checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
         dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
         # Hidden states in the compute dtype, two generations, of each stage.
         held = 2 * len(stages) * tokens * hidden * dtype.itemsize
         activation_bytes = held if max_memory is None else min(held, max_memory)
+        if any(stage.sequential for stage in stages):  # the paused batches, all in memory
+            activation_bytes = max(activation_bytes, sequential_bytes(source, options))
         calibration = {
             "dataset": options.dataset,
             "samples": options.num_samples,
             "seq_len": options.seq_len,
             "seed": options.seed,
-            "propagate": options.propagation,
+            "propagate": propagate or options.propagation,
             "max_tokens": tokens,
             "activation_bytes": held,
             "activation_bytes_in_memory": activation_bytes,
@@ -340,7 +346,7 @@ def run(
         if calibration is not None:
             from llmpress.calibrate import StaticCalibration, stages_of
 
-            stages = stages_of(plan, options.independent, options.propagate)
+            stages = stages_of(plan, options.independent, _propagate(source, options, max_memory))
             spill = partial_dir(output) / RESUME_DIR / "activations"
             # Each stage's hidden states apart, the memory budget shared out between them.
             budget = None if max_memory is None else max_memory // len(stages)
@@ -412,6 +418,38 @@ def run(
         time.perf_counter() - start,
         sum(plan.quantized(m) for m in plan.modules),
     )
+
+
+def sequential_bytes(source: ModelSource, options: CompressOptions) -> int:
+    """About the most a one-pass ("sequential") run holds of its paused batches: per token, a
+    layer's input, its residual and normed states, the attention's or MLP's inner ones."""
+    from llmpress.calibrate import compute_dtype
+
+    config = source.config
+    hidden = getattr(config, "hidden_size", 0)
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    checkpoint_dtype = next(iter(source.tensor_entries.values())).dtype
+    dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
+    return options.num_samples * options.seq_len * (4 * hidden + inner) * dtype.itemsize
+
+
+def _propagate(source: ModelSource, options: CompressOptions, max_memory: int | None):
+    """`options.propagate`, or "compressed" where the default would be one pass
+    ("sequential") but its paused batches would not fit in `max_memory`; an explicit
+    "sequential" that does not fit is refused."""
+    if max_memory is None or options.propagation != "sequential":
+        return options.propagate
+    need = sequential_bytes(source, options)
+    if need <= max_memory:
+        return options.propagate
+    if options.propagate == "sequential":
+        raise LlmpressError(
+            f"--propagate sequential holds about {need / 1e6:,.0f} MB of paused activations, "
+            f"over --max-memory {max_memory / 1e6:,.0f} MB: raise --max-memory or use "
+            "--propagate compressed"
+        )
+    log.info("two passes per layer: one would hold %.0f MB, over --max-memory", need / 1e6)
+    return "compressed"
 
 
 def sparsity_report(source: ModelSource, plan: Plan, achieved: dict[str, float]) -> dict:

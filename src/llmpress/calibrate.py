@@ -46,9 +46,17 @@ from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, Hessian, Pruning, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.packing import installed_layout, layouts_differ
-from llmpress.plan import Plan, default_propagation, smoother_of, solver_of
+from llmpress.plan import (
+    Plan,
+    default_propagation,
+    fused_groups,
+    sequential_allowed,
+    smoother_of,
+    solver_of,
+)
 from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
+from llmpress.sequential import Sequencer
 from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
 from llmpress.smoothquant import smoothing_scale
 from llmpress.source import ModelSource
@@ -77,6 +85,7 @@ class Stage:
     smooths: frozenset[str]
     quantizes: frozenset[str]
     one_pass: bool = False
+    sequential: bool = False  # one pass, each module on its compressed predecessors' outputs
 
 
 def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> list[Stage]:
@@ -89,24 +98,35 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
     `CompressOptions.propagation`)."""
     every = frozenset(g.name for g in plan.groups)
     smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
+    kv = plan.kv_cache is not None
 
-    def one_pass(quantizes: frozenset[str], prunes: bool = False) -> bool:
-        if not quantizes and not prunes:  # it only smooths, keeping the function: one pass
-            return propagate != "compressed"  # gives the same
+    def stage(smooths: frozenset[str], quantizes: frozenset[str], prunes: bool = False) -> Stage:
         methods = [g.method for g in plan.groups if g.name in quantizes]
         if prunes:  # pruning changes the function: the next layer sees it, as GPTQ's
             methods.append(plan.sparsity.method)
-        return (propagate or default_propagation(methods)) == "original"
+        if not quantizes and not prunes:  # it only smooths, keeping the function: one pass
+            mode = "compressed" if propagate == "compressed" else "original"  # gives the same
+        else:
+            mode = propagate or default_propagation(methods, kv)
+        if mode == "sequential" and not sequential_allowed(
+            methods + [g.method for g in plan.groups if g.name in smooths], kv
+        ):
+            raise LlmpressError(
+                "--propagate sequential compresses each module as soon as its inputs are "
+                "seen; smoothing (AWQ, SmoothQuant) and --kv-cache need a whole layer "
+                "observed first: use --propagate compressed"
+            )
+        return Stage(smooths, quantizes, mode == "original", mode == "sequential")
 
     if not independent:  # pruning (never independent) is the one stage's
-        return [Stage(smoothed, every, one_pass(every, plan.sparsity is not None))]
+        return [stage(smoothed, every, plan.sparsity is not None)]
     stages = []
     if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
         rounded = frozenset(g.name for g in plan.groups if smoother_of(g.method) == "awq")
-        stages.append(Stage(smoothed, rounded, one_pass(rounded)))
+        stages.append(stage(smoothed, rounded))
     rest = every - (stages[0].quantizes if stages else frozenset())
     if rest:
-        stages.append(Stage(frozenset(), rest, one_pass(rest)))
+        stages.append(stage(frozenset(), rest))
     return stages
 
 
@@ -207,6 +227,7 @@ class _InputObserver:
         self.hessians: dict[str, Hessian] | None = {} if hessians else None
         self._inputs: dict[int, _Input] = {}  # this batch's inputs, by id
         self._unseen = set(names)
+        self._sharing: dict[str, str] = {}  # module: the fused sibling whose input it reads
 
     def _input(self, x: torch.Tensor) -> _Input:
         """What this batch has done with tensor `x` so far: a tensor handed to several modules
@@ -223,6 +244,14 @@ class _InputObserver:
     def hook(self, name: str):
         def observe(module, args):
             x = args[0]
+            if name in self._sharing:  # compressed with its sibling, on the sibling's inputs
+                known = self._inputs.get(id(x))
+                if known is None or known.ref() is not x:
+                    raise LlmpressError(
+                        f"{name} does not read the input of {self._sharing[name]}, which it is "
+                        "fused with; use --propagate compressed"
+                    )
+                return
             entry = self._input(x)
             if self.ranges:
                 lo, hi = entry.range
@@ -267,6 +296,20 @@ class _InputObserver:
         module that runs for some batches only, as an unrouted expert, never cuts one short)."""
         self._unseen = set(self.lo)
         self._inputs = {}
+
+    def share(self, name: str, members: list[str]) -> None:
+        """`members` (fused with `name`: q/k/v, gate/up) read `name`'s input, and are
+        compressed before their own calls: `name`'s statistics become theirs, and each of their
+        calls is checked to read an input already seen."""
+        for member in members:
+            if member == name:
+                continue
+            if self.hessians is not None:
+                self.hessians[member] = self.hessians[name]
+            if self.channels is not None:
+                self.channels[member] = self.channels[name]
+            self.lo[member], self.hi[member] = self.lo[name], self.hi[name]
+            self._sharing[member] = name
 
     def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lo = torch.stack([self.lo[m] for m in members]).min()
@@ -484,28 +527,51 @@ class StaticCalibration:
                 hessians=gptq or awq,
                 device=self.device,
                 offload=self.offload_hessians,
-                stop=not stage.one_pass,
+                stop=not (stage.one_pass or stage.sequential),
                 channels=bool(stage.smooths),
                 squares=wanda,  # pruning never smooths
             )
             hooks = [
                 self.runner.modules[n].register_forward_pre_hook(watch.hook(n)) for n in watched
             ]
-            hooks.append(layer.register_forward_pre_hook(watch.start))
-        attentions = None
-        if stage.one_pass and kv is not None:
-            attentions = attention_modules(layer, f"{self.runner.source.layer_prefix}.{index}.")
-            hooks += kv.observe(attentions)
-        if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
+            if not stage.sequential:  # there the batches interleave: inputs known per layer
+                hooks.append(layer.register_forward_pre_hook(watch.start))
+        if stage.sequential:  # observed, compressed and run in one pass (llmpress.sequential)
             with _hooked(hooks):
-                self.runner.forward_layer(index, update=stage.one_pass)
-        elif stage.one_pass:
-            self.runner.forward_layer(index)
-        if stage.smooths:
-            self._smooth(index, layer, stage, weights, others, watch, observer)
+                packed, states = self._sequential(index, part, watch, observer, layout)
+        else:
+            attentions = None
+            if stage.one_pass and kv is not None:
+                prefix = f"{self.runner.source.layer_prefix}.{index}."
+                attentions = attention_modules(layer, prefix)
+                hooks += kv.observe(attentions)
+            if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
+                with _hooked(hooks):
+                    self.runner.forward_layer(index, update=stage.one_pass)
+            elif stage.one_pass:
+                self.runner.forward_layer(index)
+            if stage.smooths:  # `weights` takes the smoothed values
+                self._smooth(index, layer, stage, weights, others, watch, observer)
+            smoothed = {n: weights[n] for n in part}
+            packed, states = self._compress_part(smoothed, watch, observer, layout)
+        readable = self._decompressible(packed, states, layout)
+        self._record_sparsity(pruned, readable)
+        if stage.one_pass:
+            if attentions is not None:
+                packed.update(kv.scales(attentions, self.checkpoint_dtype))
+        elif not stage.sequential:
+            self._run_compressed(index, layer, packed, readable, kv)
+        return packed, readable
+
+    def _compress_part(self, weights, watch, observer, layout) -> tuple[dict, dict]:
+        """Prune and quantize modules `weights` (by name) on what `watch` observed of their
+        inputs: their stored tensors (packed) and their solved states, by module."""
+        plan = self.plan
+        pruner = plan.sparsity.method if plan.sparsity is not None else None
+        pruned = [n for n in weights if plan.pruned(n)]
         masks = self._masks({n: weights[n] for n in pruned}, watch) if pruned else {}
         states, packed = {}, {}
-        for group, members in plan.by_group(part):  # one group at a time
+        for group, members in plan.by_group(weights):  # one group at a time
             scheme = group.scheme
             # Solved on the Hessians: GPTQ's groups (SparseGPT's pruned modules pruned first,
             # on the same Hessian); rounded to nearest: the others, pruned first by SparseGPT
@@ -541,14 +607,40 @@ class StaticCalibration:
             for name, state in solved.items():
                 states[name] = state
                 packed[name] = {"weight": state["weight"].to(weights[name].dtype).cpu()}
-        readable = self._decompressible(packed, states, layout)
-        self._record_sparsity(pruned, readable)
-        if stage.one_pass:
-            if attentions is not None:
-                packed.update(kv.scales(attentions, self.checkpoint_dtype))
-        else:
-            self._run_compressed(index, layer, packed, readable, kv)
-        return packed, readable
+        return packed, states
+
+    def _sequential(self, index, part, watch, observer, layout) -> tuple[dict, dict]:
+        """Run layer `index` once, each module of `part` compressed as soon as every batch
+        has reached it (with the fused siblings that read its input), so that each calibrates
+        on the outputs of the compressed modules before it; the layer's outputs are then the
+        next layer's inputs. Returns the modules' stored tensors and solved states."""
+        packed, states, quantizers = {}, {}, []
+        # Siblings vLLM fuses read one input: solved together, on one Hessian (as in two
+        # passes), pruned-only ones too (plan.fused holds the quantized ones).
+        siblings = fused_groups(tuple(part))
+
+        def compress(name: str) -> list[str]:
+            members = [m for m in siblings[name] if m not in packed]
+            if watch is not None:
+                watch.share(name, members)
+            done, solved = self._compress_part(
+                {m: part[m] for m in members}, watch, observer, layout
+            )
+            packed.update(done)
+            states.update(solved)
+            # The batches go on through these modules as they will be served.
+            quantizers.extend(self._load_compressed(self._decompressible(done, solved, layout)))
+            return members
+
+        sequencer = Sequencer({n: self.runner.modules[n] for n in part})
+        with _hooked(quantizers):
+            self.runner.forward_layer_sequential(index, sequencer, compress)
+        uncalled = {n: w for n, w in part.items() if n not in packed}
+        if uncalled:  # modules no batch ran (GPTQ refuses them, as in two passes)
+            done, solved = self._compress_part(uncalled, watch, observer, layout)
+            packed.update(done)
+            states.update(solved)
+        return packed, states
 
     def _in_stage(self, name: str, stage: Stage, last: bool) -> bool:
         """Whether `stage` compresses module `name`: its group's stage; a module that is

@@ -214,11 +214,13 @@ def main() -> None:
 )
 @click.option(
     "--propagate",
-    type=click.Choice(["compressed", "original"]),
+    type=click.Choice(["compressed", "original", "sequential"]),
     default=None,
     help="What each layer calibrates on: the outputs of the compressed layers before it "
-    "(two passes per layer; the default but for AWQ) or the original model's (one pass, about "
-    "half the time; AWQ's default).",
+    "(two passes per layer; the default but for AWQ, SparseGPT and Wanda), the original "
+    "model's (one pass, about half the time; AWQ's default), or those of the compressed "
+    "modules before it, in its own layer too (one pass; SparseGPT's and Wanda's default; not "
+    "with smoothing or --kv-cache).",
 )
 @click.option(
     "--independent",
@@ -377,6 +379,10 @@ def _print_plan(plan: dict, output: Path) -> None:
         if calibration["propagate"] == "original":
             click.echo(
                 "  one pass per layer: every layer calibrates on the original model's outputs"
+            )
+        elif calibration["propagate"] == "sequential":
+            click.echo(
+                "  one pass per layer: every module calibrates on the compressed modules' outputs"
             )
     click.echo(
         f"  read {plan['input_bytes'] / 1e6:,.1f} MB, write about "

@@ -172,9 +172,13 @@ class CompressOptions(BaseModel):
     # the next one sees what it will see when served; two passes per layer, as llm-compressor's
     # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
     # pass itself: one pass per layer, about half the time, statistics of the original model).
+    # "sequential": one pass per layer in which each module calibrates on the outputs of the
+    # compressed modules before it, in its layer too (llmpress.sequential); the paused batches
+    # hold their activations meanwhile. Not with smoothing or --kv-cache.
     # None: "original" for AWQ (as AutoAWQ and llm-compressor calibrate it: each layer on the
-    # unquantized model's activations), "compressed" otherwise (`propagation`).
-    propagate: Literal["compressed", "original"] | None = None
+    # unquantized model's activations), "sequential" for SparseGPT and Wanda, "compressed"
+    # otherwise (`propagation`).
+    propagate: Literal["compressed", "original", "sequential"] | None = None
     # Several modifiers (AWQ or SmoothQuant, then the quantization modifier): each calibrated
     # on its own hidden states, as one run per modifier would be, instead of all of them on
     # one sequential pass (llm-compressor's "independent" pipeline; llmpress.calibrate.Stage).
@@ -279,8 +283,9 @@ class CompressOptions(BaseModel):
     @property
     def propagation(self) -> str:
         """What each layer calibrates on: `propagate`, or by default "original" where every
-        group is AWQ's, "compressed" otherwise."""
-        return self.propagate or default_propagation(self.methods)
+        group is AWQ's, "sequential" for SparseGPT and Wanda, "compressed" otherwise."""
+        methods = self.methods + ((self.prune,) if self.prune else ())
+        return self.propagate or default_propagation(methods, self.kv_cache is not None)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -413,11 +418,24 @@ class Plan:
         return source.total_bytes - shrink
 
 
-def default_propagation(methods) -> str:
-    """What layers calibrate on when `--propagate` is not given, for groups of these methods:
-    the original model's outputs for AWQ alone (as AutoAWQ and llm-compressor run it), the
-    compressed layers' otherwise."""
-    return "original" if set(methods) == {"awq"} else "compressed"
+def default_propagation(methods, kv_cache: bool = False) -> str:
+    """What layers calibrate on when `--propagate` is not given, for groups (and a pruner) of
+    these methods: the original model's outputs for AWQ alone (as AutoAWQ and llm-compressor
+    run it); for SparseGPT and Wanda, the compressed modules' outputs, in one pass
+    ("sequential") where nothing needs the whole layer observed first (smoothing, the KV
+    cache); the compressed layers' otherwise."""
+    methods = set(methods)
+    if methods == {"awq"}:
+        return "original"
+    if methods & {"sparsegpt", "wanda"} and sequential_allowed(methods, kv_cache):
+        return "sequential"
+    return "compressed"
+
+
+def sequential_allowed(methods, kv_cache: bool) -> bool:
+    """Whether a run can compress each module as soon as its inputs are observed: smoothing
+    needs the statistics of a whole layer first, and the KV cache those of its attention."""
+    return not kv_cache and not any(smoother_of(m) for m in methods)
 
 
 def solver_of(method: str) -> str:
@@ -439,7 +457,7 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     if options.quantizes:
         groups, chosen, ignored = _quantized(source, linears, options)
     sparsity = _pruned(source, linears, options) if options.prune else None
-    fused = _fused_groups(chosen)
+    fused = fused_groups(chosen)
     _check_fused_alike(groups, fused)
     for group in groups:
         _check_divisible(group.scheme, group.modules, linears)
@@ -679,7 +697,7 @@ def _generic(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
-def _fused_groups(chosen: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+def fused_groups(chosen: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Each module mapped to the siblings it is fused with in vLLM (itself when none)."""
     present = set(chosen)
     groups: dict[str, tuple[str, ...]] = {}

@@ -29,6 +29,7 @@ from torch import nn
 from llmpress.activations import ActivationCache
 from llmpress.errors import LlmpressError
 from llmpress.memory import release_large_blocks_to_os
+from llmpress.sequential import Sequencer
 from llmpress.source import ModelSource, build_model
 
 # Tokens per calibration batch: large enough that matrix products dominate Python overhead,
@@ -285,6 +286,25 @@ class LayerRunner:
                 self.cache.put(i, out[0] if isinstance(out, tuple) else out)
         if update:
             self.cache.advance()
+
+    @torch.inference_mode()
+    def forward_layer_sequential(
+        self, index: int, sequencer: Sequencer, compress: Callable[[str], list[str]]
+    ) -> None:
+        """Run layer `index` on every batch in one pass, each of `sequencer`'s modules
+        compressed by `compress(name)` once every batch has reached it; its outputs become
+        the next generation of hidden states (llmpress.sequential)."""
+        layer = self.layers[index]
+
+        def forward(i: int) -> Callable[[], torch.Tensor]:
+            def run() -> torch.Tensor:
+                out = layer(self.cache.get(i).to(self.device), **self.batches[i].calls[index])
+                return out[0] if isinstance(out, tuple) else out
+
+            return run
+
+        sequencer.run([forward(i) for i in range(len(self.batches))], compress, self.cache.put)
+        self.cache.advance()
 
     @torch.inference_mode()
     def forward_batch(self, index: int, batch: int = 0) -> torch.Tensor:

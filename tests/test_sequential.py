@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +121,23 @@ def test_a_memory_cap_too_small_for_one_pass_gives_two(with_tokenizer):
     )
     with pytest.raises(LlmpressError, match="over --max-memory.*--propagate compressed"):
         dry_run(model, explicit, max_memory=need - 1)
+
+
+def test_the_cli_says_which_pass_it_runs_and_refuses_one_pass_with_awq(with_tokenizer, tmp_path):
+    model, out = with_tokenizer["llama"], tmp_path / "out"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "llmpress.cli", "compress", str(model), "-o", str(out)]
+        return subprocess.run([*command, *args], capture_output=True, text=True)
+
+    pruning = ("--method", "sparsegpt", "--mask", "2:4", "--dataset", "pydoc-calibration")
+    proc = cli(*pruning, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "every module calibrates on the compressed modules' outputs" in proc.stdout
+    proc = cli(*pruning, "--propagate", "compressed", "--dry-run")
+    assert proc.returncode == 0 and "every module calibrates" not in proc.stdout
+    awq = ("--scheme", "W4A16", "--method", "awq", "--dataset", "pydoc-calibration")
+    proc = cli(*awq, "--propagate", "sequential")
+    assert proc.returncode != 0
+    assert "smoothing (AWQ, SmoothQuant) and --kv-cache need a whole layer" in proc.stderr
+    assert not out.exists()

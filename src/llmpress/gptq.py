@@ -30,7 +30,7 @@ from compressed_tensors.quantization.utils import calculate_range
 
 from llmpress.errors import LlmpressError
 from llmpress.observers import weight_qparams
-from llmpress.sparsity import Structure, lowest, lowest_n_of_m, magnitude_mask
+from llmpress.sparsity import Structure, lowest, magnitude_mask
 
 log = logging.getLogger(__name__)
 
@@ -326,12 +326,11 @@ def gptq_quantize(
                 m = prune.structure.m
                 if i % m == 0:  # the next M columns' mask, from the weights as updated now
                     scores = w1[i : i + m] ** 2 / u1.diagonal()[i : i + m].reshape(-1, 1) ** 2
-                    mask1[i : i + m] = lowest_n_of_m(scores.t(), prune.structure.n, m).t()
-            if args is None:  # pruning only
-                q = x.clone()
-                q.masked_fill_(mask1[i], 0)
-                quantized[col] = q
-                e = torch.sub(x, q, out=err1[i]).div_(u1[i, i])
+                    pruned = torch.topk(scores, prune.structure.n, dim=0, largest=False).indices
+                    mask1[i : i + m].scatter_(0, pruned, True)
+            if args is None:  # pruning only: the error is the pruned weights; the column
+                # keeps its value (quantized at the block's end, below)
+                e = torch.mul(x, mask1[i], out=err1[i]).div_(u1[i, i])
                 w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1)
                 continue
             original_col = columns_in_order[col]
@@ -355,6 +354,8 @@ def gptq_quantize(
             quantized[col] = q
             e = torch.sub(x, q, out=err1[i]).div_(u1[i, i])
             w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1)
+        if args is None:  # each column as the solve left it, pruned
+            quantized[b0:b1] = w1.masked_fill_(mask1, 0)
         wt[b1:].addmm_(upper[b0:b1, b1:].t(), err1, alpha=-1)
 
     quantized = quantized.t()

@@ -28,7 +28,7 @@ from torch import nn
 
 from llmpress.activations import ActivationCache
 from llmpress.errors import LlmpressError
-from llmpress.memory import release_large_blocks_to_os
+from llmpress.memory import release_large_blocks_to_os, return_freed_memory
 from llmpress.sequential import Sequencer
 from llmpress.source import ModelSource, build_model
 
@@ -269,6 +269,7 @@ class LayerRunner:
 
     def unload_layer(self, index: int) -> None:
         self.layers[index].to("meta")
+        return_freed_memory()  # what the layer's batches freed goes back to the OS
 
     @torch.inference_mode()
     def forward_layer(self, index: int, update: bool = True) -> None:

@@ -45,6 +45,7 @@ from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
 from llmpress.gptq import GPTQOptions, Hessian, Pruning, gptq_quantize
 from llmpress.kvcache import KVCacheCalibration, attention_modules
+from llmpress.memory import return_freed_memory
 from llmpress.packing import installed_layout, layouts_differ
 from llmpress.plan import (
     Plan,
@@ -630,6 +631,7 @@ class StaticCalibration:
             states.update(solved)
             # The batches go on through these modules as they will be served.
             quantizers.extend(self._load_compressed(self._decompressible(done, solved, layout)))
+            return_freed_memory()  # the solve's temporaries, and the holes they leave
             return members
 
         sequencer = Sequencer({n: self.runner.modules[n] for n in part})

@@ -10,8 +10,9 @@ third of its CPU time in 22 million page faults.
 
 So blocks up to 32 MiB (the batches' working set) come from the heap and stay there while the
 layer runs, reused without faults; larger ones (big models' weight matrices) keep their own
-mappings; and once a layer is done, `return_freed_memory` hands every free heap page back
-(malloc_trim), so what one layer fragmented never adds to the next. These are glibc's
+mappings; and once a layer is done (in one-pass runs, once each module group is compressed,
+while the paused batches hold their states), `return_freed_memory` hands every free heap page
+back (malloc_trim), so that fragments never add up. These are glibc's
 documented tunables (mallopt), applied at run time; elsewhere (musl, macOS) nothing changes.
 """
 

@@ -113,7 +113,8 @@ def test_smoothing_and_the_kv_cache_are_refused_one_pass(with_tokenizer):
 def test_a_memory_cap_too_small_for_one_pass_gives_two(with_tokenizer):
     model = with_tokenizer["llama"]
     options = compress_options(None, method="sparsegpt", dataset="pydoc-calibration")
-    need = sequential_bytes(ModelSource.open(model), options)
+    source = ModelSource.open(model)
+    need = sequential_bytes(source, build_plan(source, options), options)
     assert dry_run(model, options, max_memory=need)["calibration"]["propagate"] == "sequential"
     assert dry_run(model, options, max_memory=need - 1)["calibration"]["propagate"] == "compressed"
     explicit = compress_options(

@@ -219,7 +219,7 @@ def dry_run(
 ) -> dict:
     """What `run` would do, from headers and config alone: no weights are read, nothing is
     written. Fails as `run` would on a plan that cannot work (a static scheme without data)."""
-    from llmpress.calibrate import compute_dtype, needs_calibration, stages_of
+    from llmpress.calibrate import checkpoint_dtype, compute_dtype, needs_calibration, stages_of
 
     source = ModelSource.open(model)
     plan = build_plan(source, options)
@@ -253,18 +253,18 @@ def dry_run(
         # Passes per layer: observe inputs (static scales, Hessians), observe the KV cache,
         # run compressed; with propagate "original" or "sequential" one pass in all.
         # 2 flops per weight and token.
-        propagate = _propagate(source, options, max_memory)
+        propagate = _propagate(source, plan, options, max_memory)
         stages = stages_of(plan, options.independent, propagate)  # each its own passes
         two_pass = 1 + (static or observed) + (plan.kv_cache is not None)
         passes = sum(1 if stage.one_pass or stage.sequential else two_pass for stage in stages)
         seconds += passes * 2 * in_layers * tokens / ESTIMATE_CALIBRATION_FLOPS
-        checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
-        dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
+        stored = checkpoint_dtype(source, plan)
+        dtype = compute_dtype(options.device, stored, options.compute_dtype)
         # Hidden states in the compute dtype, two generations, of each stage.
         held = 2 * len(stages) * tokens * hidden * dtype.itemsize
         activation_bytes = held if max_memory is None else min(held, max_memory)
         if any(stage.sequential for stage in stages):  # the paused batches, all in memory
-            activation_bytes = max(activation_bytes, sequential_bytes(source, options))
+            activation_bytes = max(activation_bytes, sequential_bytes(source, plan, options))
         calibration = {
             "dataset": options.dataset,
             "samples": options.num_samples,
@@ -346,7 +346,8 @@ def run(
         if calibration is not None:
             from llmpress.calibrate import StaticCalibration, stages_of
 
-            stages = stages_of(plan, options.independent, _propagate(source, options, max_memory))
+            propagate = _propagate(source, plan, options, max_memory)
+            stages = stages_of(plan, options.independent, propagate)
             spill = partial_dir(output) / RESUME_DIR / "activations"
             # Each stage's hidden states apart, the memory budget shared out between them.
             budget = None if max_memory is None else max_memory // len(stages)
@@ -420,26 +421,26 @@ def run(
     )
 
 
-def sequential_bytes(source: ModelSource, options: CompressOptions) -> int:
+def sequential_bytes(source: ModelSource, plan: Plan, options: CompressOptions) -> int:
     """About the most a one-pass ("sequential") run holds of its paused batches: per token, a
     layer's input, its residual and normed states, the attention's or MLP's inner ones."""
-    from llmpress.calibrate import compute_dtype
+    from llmpress.calibrate import checkpoint_dtype, compute_dtype
 
     config = source.config
     hidden = getattr(config, "hidden_size", 0)
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
-    checkpoint_dtype = next(iter(source.tensor_entries.values())).dtype
-    dtype = compute_dtype(options.device, checkpoint_dtype, options.compute_dtype)
+    stored = checkpoint_dtype(source, plan)
+    dtype = compute_dtype(options.device, stored, options.compute_dtype)
     return options.num_samples * options.seq_len * (4 * hidden + inner) * dtype.itemsize
 
 
-def _propagate(source: ModelSource, options: CompressOptions, max_memory: int | None):
+def _propagate(source: ModelSource, plan: Plan, options: CompressOptions, max_memory: int | None):
     """`options.propagate`, or "compressed" where the default would be one pass
     ("sequential") but its paused batches would not fit in `max_memory`; an explicit
     "sequential" that does not fit is refused."""
     if max_memory is None or options.propagation != "sequential":
         return options.propagate
-    need = sequential_bytes(source, options)
+    need = sequential_bytes(source, plan, options)
     if need <= max_memory:
         return options.propagate
     if options.propagate == "sequential":

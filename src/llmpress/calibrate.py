@@ -131,6 +131,11 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
     return stages
 
 
+def checkpoint_dtype(source: ModelSource, plan: Plan) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in: that of the first module planned."""
+    return source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
+
+
 def compute_dtype(device: str, checkpoint_dtype: torch.dtype, choice: str = "auto") -> torch.dtype:
     """The dtype calibration computes in (`choice`: "auto", "float32" or "bfloat16")."""
     if choice != "auto":
@@ -438,7 +443,7 @@ class StaticCalibration:
             )
         self.plan, self.device = plan, device
         self.kv = KVCacheCalibration(plan.kv_cache) if plan.kv_cache is not None else None
-        self.checkpoint_dtype = source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
+        self.checkpoint_dtype = checkpoint_dtype(source, plan)
         dtype = compute_dtype(device, self.checkpoint_dtype, compute)
         self.stages = stages if stages is not None else stages_of(plan, False, propagate)
         self.caches = caches if caches is not None else [ActivationCache()]
@@ -539,7 +544,7 @@ class StaticCalibration:
                 hooks.append(layer.register_forward_pre_hook(watch.start))
         if stage.sequential:  # observed, compressed and run in one pass (llmpress.sequential)
             with _hooked(hooks):
-                packed, states = self._sequential(index, part, watch, observer, layout)
+                packed, readable = self._sequential(index, part, watch, observer, layout)
         else:
             attentions = None
             if stage.one_pass and kv is not None:
@@ -555,7 +560,7 @@ class StaticCalibration:
                 self._smooth(index, layer, stage, weights, others, watch, observer)
             smoothed = {n: weights[n] for n in part}
             packed, states = self._compress_part(smoothed, watch, observer, layout)
-        readable = self._decompressible(packed, states, layout)
+            readable = self._decompressible(packed, states, layout)
         self._record_sparsity(pruned, readable)
         if stage.one_pass:
             if attentions is not None:
@@ -614,8 +619,9 @@ class StaticCalibration:
         """Run layer `index` once, each module of `part` compressed as soon as every batch
         has reached it (with the fused siblings that read its input), so that each calibrates
         on the outputs of the compressed modules before it; the layer's outputs are then the
-        next layer's inputs. Returns the modules' stored tensors and solved states."""
-        packed, states, quantizers = {}, {}, []
+        next layer's inputs. Returns the modules' stored tensors, and the same as the
+        installed compressed-tensors reads them (`_decompressible`)."""
+        packed, readable, quantizers = {}, {}, []
         # Siblings vLLM fuses read one input: solved together, on one Hessian (as in two
         # passes), pruned-only ones too (plan.fused holds the quantized ones).
         siblings = fused_groups(tuple(part))
@@ -628,9 +634,10 @@ class StaticCalibration:
                 {m: part[m] for m in members}, watch, observer, layout
             )
             packed.update(done)
-            states.update(solved)
+            ready = self._decompressible(done, solved, layout)
+            readable.update(ready)
             # The batches go on through these modules as they will be served.
-            quantizers.extend(self._load_compressed(self._decompressible(done, solved, layout)))
+            quantizers.extend(self._load_compressed(ready))
             return_freed_memory()  # the solve's temporaries, and the holes they leave
             return members
 
@@ -641,8 +648,8 @@ class StaticCalibration:
         if uncalled:  # modules no batch ran (GPTQ refuses them, as in two passes)
             done, solved = self._compress_part(uncalled, watch, observer, layout)
             packed.update(done)
-            states.update(solved)
-        return packed, states
+            readable.update(self._decompressible(done, solved, layout))
+        return packed, readable
 
     def _in_stage(self, name: str, stage: Stage, last: bool) -> bool:
         """Whether `stage` compresses module `name`: its group's stage; a module that is

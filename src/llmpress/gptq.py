@@ -30,7 +30,7 @@ from compressed_tensors.quantization.utils import calculate_range
 
 from llmpress.errors import LlmpressError
 from llmpress.observers import weight_qparams
-from llmpress.sparsity import Structure, lowest, magnitude_mask
+from llmpress.sparsity import Structure, lowest, lowest_n_of_m, magnitude_mask
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,7 @@ def gptq_quantize(
                 m = prune.structure.m
                 if i % m == 0:  # the next M columns' mask, from the weights as updated now
                     scores = w1[i : i + m] ** 2 / u1.diagonal()[i : i + m].reshape(-1, 1) ** 2
-                    pruned = torch.topk(scores, prune.structure.n, dim=0, largest=False).indices
-                    mask1[i : i + m].scatter_(0, pruned, True)
+                    mask1[i : i + m] = lowest_n_of_m(scores.t(), prune.structure.n, m).t()
             if args is None:  # pruning only: the error is the pruned weights; the column
                 # keeps its value (quantized at the block's end, below)
                 e = torch.mul(x, mask1[i], out=err1[i]).div_(u1[i, i])

@@ -5,8 +5,8 @@ large block is freed, so after the first layer every layer-sized tensor comes fr
 whose freed pages fragment and stay resident: measured here, peak RSS grew by ~1.2x the model
 size. Forcing every block over 1 MiB into its own mapping (session 3's fix) returns them on
 free, but then each activation, Hessian product and temporary of every batch is a fresh
-mapping that the kernel zero-fills on first touch: a 2:4 SparseGPT run of SmolLM2 spent a
-third of its CPU time in 22 million page faults.
+mapping that the kernel zero-fills on first touch: a 2:4 SparseGPT run of SmolLM2 spent 54
+of its 310 CPU seconds in the kernel, on 22 million page faults.
 
 So blocks up to 32 MiB (the batches' working set) come from the heap and stay there while the
 layer runs, reused without faults; larger ones (big models' weight matrices) keep their own

@@ -31,6 +31,9 @@ def test_compress_then_inspect(tiny_llama, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "14 layers quantized" in proc.stdout
+    # --quiet: the result line only, no progress bar (it once drew its 0% line).
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    assert "%|" not in proc.stderr, proc.stderr
     for name in (
         "config.json",
         "model.safetensors",

@@ -605,10 +605,17 @@ def _write_tensors(
     layers_done = record["layers_done"] if record else 0
     if calibrated is not None:  # minutes per layer: count layers
         total = sum(source.layer_of(g[0]) is not None for g in groups)
-        bar = tqdm(total=total, initial=layers_done, unit="layer", desc="calibrate")
+        bar = tqdm(
+            total=total, initial=layers_done, unit="layer", desc="calibrate", disable=not progress
+        )
     else:
-        bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="compress")
-    bar.disable = not progress
+        bar = tqdm(
+            total=source.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="compress",
+            disable=not progress,
+        )
 
     def prefetch(i: int):
         return None if i >= len(groups) or streamed[i] else reader.submit(source.read, groups[i])

@@ -3,7 +3,7 @@
 A scale must fit the keys and values *as the cache stores them*: keys after the rotary
 embedding (and after q/k norms, where a model has them), values as projected. Rather than
 re-derive that per architecture, the attention module is handed a stand-in for transformers'
-`Cache` (the `past_key_values` argument): every attention calls `cache.update(keys, values,
+`Cache` (its public cache argument, `cache` or `past_key_values` by version): every attention calls `cache.update(keys, values,
 layer_idx)` with exactly what it would store, and the stand-in observes, or fake-quantizes,
 and hands them back. This is where compressed-tensors' own `QuantizedKVCache` quantizes them
 when transformers loads the checkpoint, and what vLLM writes to its cache with `k_scale`.
@@ -63,7 +63,7 @@ def attention_modules(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]
 
 
 class _CacheStandIn:
-    """Passed as `past_key_values`: stores nothing, lets `on_write` see (and replace) what
+    """Passed as the attention's cache argument (`cache_argument`): stores nothing, lets `on_write` see (and replace) what
     the attention would store: keys and values `(batch, kv_heads, seq, head_dim)`."""
 
     def __init__(self, on_write: Callable[[torch.Tensor, torch.Tensor], tuple]):
@@ -73,10 +73,26 @@ class _CacheStandIn:
         return self.on_write(key_states, value_states)
 
 
-def _route_cache_writes(attention: nn.Module, on_write) -> RemovableHandle:
-    # transformers renamed the argument (transformers#39956); older models keep the singular.
+# The attention's cache argument by transformers version, newest first: `cache` from 5.24
+# (`past_key_values` still accepted until 5.40, renamed by a decorator), `past_key_values`
+# before (transformers#39956), `past_key_value` in older models.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_argument(attention: nn.Module) -> str:
+    """The name under which `attention.forward` takes its `Cache`, from its signature."""
     params = inspect.signature(attention.forward).parameters
-    name = "past_key_values" if "past_key_values" in params else "past_key_value"
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise LlmpressError(
+        f"{type(attention).__name__}.forward takes no KV cache argument (none of "
+        f"{', '.join(CACHE_ARGUMENTS)}), so its k/v scales cannot be observed; drop --kv-cache"
+    )
+
+
+def _route_cache_writes(attention: nn.Module, on_write) -> RemovableHandle:
+    name = cache_argument(attention)
 
     def hook(module, args, kwargs):
         kwargs[name] = _CacheStandIn(on_write)

@@ -66,6 +66,7 @@ class EvalReport:
     base_serving: dict[str, Any] | None = None
     tasks: dict[str, dict[str, float]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    kv_cache_note: str | None = None  # the checkpoint's KV cache not simulated, and why
 
     @classmethod
     def of(
@@ -95,6 +96,7 @@ class EvalReport:
             base_size_bytes=None if base is None else base.size_bytes,
             quality=quality,
             load_seconds=load_seconds,
+            kv_cache_note=model.kv_cache_note,
             **measured,
         )
 
@@ -149,6 +151,8 @@ def format_report(report: EvalReport) -> str:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         lines.append(f"  task {task}: {shown}")
     lines.append(f"  evaluated in {q.seconds:.1f} s (loading {report.load_seconds:.1f} s)")
+    if report.kv_cache_note:
+        lines.append(f"  note: {report.kv_cache_note}")
     return "\n".join(lines)
 
 

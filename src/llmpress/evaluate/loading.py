@@ -35,6 +35,43 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str | None  # the checkpoint's compressed-tensors format, or None
     size_bytes: int
+    # Why transformers runs this checkpoint without its quantized KV cache; None if it has
+    # none or runs it (`kv_cache_not_applied`).
+    kv_cache_note: str | None = None
+
+
+@torch.inference_mode()
+def kv_cache_not_applied(model: torch.nn.Module, device: str = "cpu") -> str | None:
+    """Why the loaded `model` does not quantize its KV cache, or None where it does.
+
+    For a checkpoint with a `kv_cache_scheme`, compressed-tensors gives each attention a
+    `QuantizedKVCache` and passes it in as the attention's cache argument, by the names it
+    knows (`past_key_values`, `past_key_value`). transformers 5.24 renamed that argument to
+    `cache`, and up to 0.20.1 no compressed-tensors release follows: the checkpoint loads,
+    and runs with an unquantized cache. Found by behaviour, for any version pair: one
+    forward with a cache, counting what reaches compressed-tensors' caches.
+    """
+    from compressed_tensors.modeling.kvcache import QuantizedKVCache
+
+    caches = [m for m in model.modules() if isinstance(m, QuantizedKVCache)]
+    writes = []
+    handles = [cache.register_forward_hook(lambda *_: writes.append(1)) for cache in caches]
+    try:
+        model(torch.zeros((1, 2), dtype=torch.int64, device=device), use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if writes:
+        return None
+    import compressed_tensors
+    import transformers
+
+    return (
+        f"transformers {transformers.__version__} with compressed-tensors "
+        f"{compressed_tensors.__version__} does not quantize the KV cache (its attention takes "
+        "the cache under a name compressed-tensors does not hook): figures are without the "
+        "checkpoint's kv_cache_scheme, which vLLM applies"
+    )
 
 
 def model_config(path: Path) -> dict:
@@ -120,4 +157,5 @@ def load_model(
             continue
     if tokenizer is None:
         raise LlmpressError(f"{path} has no tokenizer files; pass --base to borrow the base's")
-    return LoadedModel(path, loaded.eval(), tokenizer, torch_dtype, quant.get("format"), size)
+    note = kv_cache_not_applied(loaded, device) if quant.get("kv_cache_scheme") else None
+    return LoadedModel(path, loaded.eval(), tokenizer, torch_dtype, quant.get("format"), size, note)

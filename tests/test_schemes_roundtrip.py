@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import compressed_tensors
 import pytest
 import torch
+import transformers
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -15,6 +20,7 @@ from helpers import (
     relative_error,
     stored_modules,
 )
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from llmpress import compress
@@ -170,3 +176,34 @@ def test_logits_stay_close_to_base(name, logit_errors):
 def test_more_bits_means_smaller_error(logit_errors):
     ladder = [logit_errors[f"W{bits}A16"] for bits in range(2, 9)]
     assert ladder == sorted(ladder, reverse=True), ladder
+
+
+def test_asymmetric_packed_weights_load_dequantized_in_transformers(written, tmp_path):
+    """W4A16_ASYM's packed zero points do not load compressed in transformers >= 5.23 with
+    compressed-tensors >= 0.18 (a size mismatch): its config asks transformers to load it
+    dequantized, which computes the same logits. Only where no activation or KV cache
+    quantization would be lost, and only for asymmetric packed weights."""
+    dense = {
+        name
+        for name, path in written.items()
+        if json.loads((path / "config.json").read_text())["quantization_config"].get("dequantize")
+    }
+    assert dense == {"W4A16_ASYM"}
+    checkpoint = written["W4A16_ASYM"]
+    # The same checkpoint without the key: loaded compressed where the versions allow, the
+    # logits are the dequantized load's; elsewhere it fails as the key is there to avoid.
+    compressed = tmp_path / "compressed"
+    shutil.copytree(checkpoint, compressed)
+    config = json.loads((compressed / "config.json").read_text())
+    del config["quantization_config"]["dequantize"]
+    (compressed / "config.json").write_text(json.dumps(config))
+    ids = torch.arange(3, 35)[None]
+    dense_logits = logits(load_transformers(checkpoint, decompress=False), ids)
+    try:
+        model = load_transformers(compressed, decompress=False)
+    except RuntimeError as error:
+        assert "weight_zero_point" in str(error) or "mismatch" in str(error), error
+        assert Version(transformers.__version__) >= Version("5.23")
+        assert Version(compressed_tensors.__version__) >= Version("0.18")
+        return
+    assert torch.equal(logits(model, ids), dense_logits)

@@ -59,6 +59,8 @@ def quantization_config(plan: Plan, layout: str, sparsity: dict | None = None) -
     data = qconfig.model_dump(mode="json", exclude={"quant_method"})
     if any(s.weights.type == "int" and layouts_differ(s.weights.num_bits) for s in groups.values()):
         data["int_packing"] = layout
+    if loads_dense(groups.values(), plan.kv_cache is not None):
+        data["dequantize"] = True
     sparsity_config = {}
     if sparsity is not None:
         sparsity_config = {
@@ -76,6 +78,32 @@ def quantization_config(plan: Plan, layout: str, sparsity: dict | None = None) -
         "transform_config": {},
         **data,
     }
+
+
+def loads_dense(schemes, kv_cache: bool) -> bool:
+    """Whether transformers should load the checkpoint dequantized (`"dequantize": true`).
+
+    Packed asymmetric zero points do not load in transformers >= 5.23 with
+    compressed-tensors >= 0.18: the latter sizes the model's zero point unpacked when it
+    compresses the model on the meta device ([out, groups] where the checkpoint holds
+    [out / 8, groups]), and the former stopped ignoring that mismatch ("weight_zero_point
+    ... size mismatch"); llm-compressor's checkpoints fail alike. Loaded dequantized, the
+    weights are the same numbers a compressed load decompresses at its first forward, so a
+    model quantized only in its weights computes the same logits (bit for bit, every version
+    pair from 5.19/0.17 up); vLLM and compressed-tensors ignore the key. A model that also
+    quantizes activations or its KV cache would lose them dequantized: left as it is.
+    """
+    schemes = list(schemes)
+    asymmetric_packed = any(
+        s.format == CompressionFormat.pack_quantized.value
+        and s.weights is not None
+        and not s.weights.symmetric
+        for s in schemes
+    )
+    weights_only = all(
+        s.input_activations is None and s.output_activations is None for s in schemes
+    )
+    return asymmetric_packed and weights_only and not kv_cache
 
 
 def recipe_yaml(plan: Plan, options: CompressOptions) -> str:

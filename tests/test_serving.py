@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm_here import missing_kernel
 
 from llmpress import compress
 from llmpress.evaluate import serving
@@ -48,8 +49,16 @@ def assert_not_served(result: ServingResult) -> None:
 
 @pytest.mark.parametrize("name", ["BASE", "W4A16"])
 def test_served_checkpoint_has_finite_positive_figures(name, checkpoints):
-    """vLLM's CPU build serves the base and W4A16: three positive figures, no reason."""
+    """vLLM's CPU build serves the base, and W4A16 where its kernels for this CPU have
+    cpu_gemm_wna16 (AVX-512): three positive figures, no reason. Elsewhere W4A16 is not
+    served, and the reason names the missing op and this CPU, in one line."""
     result = measure_serving(checkpoints[name], PROMPTS, output_tokens=OUTPUT_TOKENS)
+    if (missing := missing_kernel(checkpoints[name])) is not None:
+        assert_not_served(result)
+        assert f"have no {missing} op" in result.reason, result.reason
+        assert torch.backends.cpu.get_cpu_capability() in result.reason, result.reason
+        assert result.vllm_version
+        return
     assert result.served, result.reason
     assert result.reason is None
     figures = (result.ttft_ms, result.tpot_ms, result.throughput_tok_s)
@@ -114,7 +123,7 @@ def test_worker_reason_is_the_key_line_of_the_error():
     """A pydantic error from vLLM's config is reported by its own message, not the wrapper's."""
     from pydantic import BaseModel, field_validator
 
-    from llmpress.evaluate.vllm_worker import one_line
+    from llmpress.evaluate.vllm_worker import one_line, reason
 
     class Config(BaseModel):
         model: str
@@ -130,4 +139,18 @@ def test_worker_reason_is_the_key_line_of_the_error():
     assert one_line(RuntimeError("\n  first\nsecond")) == "RuntimeError: first"
     assert serving._last_error_line("x\nValueError: bad scale\nINFO done") == (
         "ValueError: bad scale"
+    )
+    assert reason(RuntimeError("bad")) == "RuntimeError: bad"
+
+
+def test_worker_reason_names_a_kernel_missing_on_this_cpu():
+    """vLLM's AVX2 kernels lack cpu_gemm_wna16: the error torch raises at the first forward
+    is said plainly, on any CPU (the served test sees it for real on AVX2-only CPUs)."""
+    from llmpress.evaluate.vllm_worker import reason
+
+    error = AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert reason(error) == (
+        f"vLLM's CPU kernels for this CPU ({isa}) have no cpu_gemm_wna16 op: "
+        "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
     )

@@ -1,13 +1,13 @@
 """vLLM reads what llmpress writes: served on CPU where vLLM's CPU build can, mapped elsewhere.
 
 vLLM runs in a child process (tests/vllm_check.py), so its import and threads stay out of pytest.
+What this CPU's vLLM kernels cannot run (int4 weight-only layers without AVX-512) must fail
+with vLLM's reason and leave the other checkpoints served (tests/vllm_here.py).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,17 @@ import pytest
 import torch
 from helpers import load_transformers, stored_modules
 from transformers import AutoTokenizer
+from vllm_here import fp8_kv_cache_refusal, missing_kernel, run_check
 
 import llmpress.schemes
 from llmpress import compress
+from llmpress.evaluate.serving import measure_serving
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.vllm,
 ]
 
-CHECK = Path(__file__).with_name("vllm_check.py")
 PROMPTS = [
     "The capital of France is",
     "Water boils at",
@@ -133,17 +134,6 @@ MAPPED = {
 ODD_BITS = {"W3A16", "W5A16", "W6A16", "W7A16"}
 
 
-def run_check(*args: str) -> Any:
-    """Run tests/vllm_check.py and return its RESULT; its stderr tail on failure."""
-    proc = subprocess.run(
-        [sys.executable, str(CHECK), *args], capture_output=True, text=True, timeout=900
-    )
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
-        pytest.fail(f"vllm_check {args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(results[-1].removeprefix("RESULT "))
-
-
 @torch.no_grad()
 def score(
     checkpoint: Path, prompts: list[list[int]], continuations: list[list[int]]
@@ -169,19 +159,25 @@ def prompt_ids(smollm2) -> list[list[int]]:
     return [tokenizer(prompt).input_ids for prompt in PROMPTS]
 
 
+# Served first in the same child as the rest: vLLM's CPU build has no FP4 kernel on any CPU,
+# so it must fail there with a reason and take none of the checkpoints after it down.
+UNSERVABLE = dict(scheme="NVFP4A16", targets=[r"re:.*layers\.0\.mlp\.down_proj$"])
+
+
 @pytest.fixture(scope="module")
 def served(smollm2, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("served")
     out = {
         name: compress(smollm2, root / name, progress=False, **kwargs).output
-        for name, kwargs in SERVED.items()
+        for name, kwargs in {"UNSERVABLE": UNSERVABLE, **SERVED}.items()
     }
-    return {"BASE": smollm2, **out}
+    return {"UNSERVABLE": out.pop("UNSERVABLE"), "BASE": smollm2, **out}
 
 
 @pytest.fixture(scope="module")
-def vllm_tokens(served, prompt_ids, tmp_path_factory) -> dict[str, list[list[int]]]:
-    """Every checkpoint (and the base model) served in one child: vLLM's import costs ~15 s."""
+def vllm_tokens(served, prompt_ids, tmp_path_factory) -> dict[str, Any]:
+    """Every checkpoint (and the base model) served in one child: vLLM's import costs ~15 s.
+    Per checkpoint: the token ids per prompt, or {"error": vLLM's error}."""
     prompts = tmp_path_factory.mktemp("prompts") / "prompts.json"
     prompts.write_text(json.dumps(prompt_ids))
     paths = {str(path): name for name, path in served.items()}
@@ -189,14 +185,38 @@ def vllm_tokens(served, prompt_ids, tmp_path_factory) -> dict[str, list[list[int
         "generate", *paths, "--prompts-json", str(prompts), "--max-tokens", str(NEW_TOKENS)
     )
     tokens = {paths[path]: tokens for path, tokens in result.items()}
-    assert all(len(t) == NEW_TOKENS for seqs in tokens.values() for t in seqs)
+    assert list(tokens) == list(served)
+    for seqs in tokens.values():
+        assert "error" in seqs or all(len(t) == NEW_TOKENS for t in seqs)
     return tokens
+
+
+def served_here(name: str, served: dict[str, Path], vllm_tokens: dict[str, Any]) -> bool:
+    """Whether vLLM served `name` here. Not served is right only where this CPU's vLLM lacks
+    a kernel the checkpoint needs, and then vLLM's error names it; the rest must serve."""
+    missing = missing_kernel(served[name])
+    outcome = vllm_tokens[name]
+    if missing is None:
+        assert "error" not in outcome, outcome
+        return True
+    assert set(outcome) == {"error"} and missing in outcome["error"], outcome
+    return False
+
+
+def test_an_unservable_checkpoint_takes_no_other_down(vllm_tokens):
+    """Served first, NVFP4 fails with vLLM's reason; the base and the rest still decode."""
+    failed = vllm_tokens["UNSERVABLE"]
+    assert set(failed) == {"error"} and "FP4" in failed["error"], failed
+    assert isinstance(vllm_tokens["BASE"], list) and isinstance(vllm_tokens["W8A8"], list)
 
 
 @pytest.mark.parametrize("name", ["BASE", *SERVED])
 def test_vllm_decodes_like_transformers(name, served, vllm_tokens, prompt_ids):
     """vLLM's CPU kernels pick the greedy tokens transformers picks from the same checkpoint,
-    and where they differ it is a near-tie for transformers too."""
+    and where they differ it is a near-tie for transformers too (where this CPU's vLLM has
+    the kernels: elsewhere, the missing one named in its error)."""
+    if not served_here(name, served, vllm_tokens):
+        return
     agreement, gaps, _ = score(served[name], prompt_ids, vllm_tokens[name])
     assert agreement >= AGREEMENT, (agreement, gaps.tolist())
     assert gaps.mean().item() <= MEAN_GAP, gaps.tolist()
@@ -209,8 +229,12 @@ def base_nll(smollm2, vllm_tokens, prompt_ids) -> float:
 
 
 @pytest.mark.parametrize("name", SERVED)
-def test_vllm_output_reads_like_the_base_model(name, smollm2, vllm_tokens, prompt_ids, base_nll):
+def test_vllm_output_reads_like_the_base_model(
+    name, smollm2, served, vllm_tokens, prompt_ids, base_nll
+):
     """Not garbage: the unquantized model finds vLLM's quantized continuations likely."""
+    if not served_here(name, served, vllm_tokens):
+        return
     _, _, nll = score(smollm2, prompt_ids, vllm_tokens[name])
     assert nll <= base_nll + EXTRA_NLL[name], (nll, base_nll)
 
@@ -275,7 +299,8 @@ def test_vllm_check_rejects_unpacked_w4afp8(tiny_llama, tmp_path, monkeypatch):
 def test_vllm_serves_an_fp8_kv_cache_with_the_stored_scales(smollm2, prompt_ids, tmp_path):
     """--kv-cache: vLLM's CPU build keeps the cache in fp8 with the checkpoint's k/v scales
     (per head: their maximum, one scale per layer, as vLLM reduces them for kernels other than
-    FlashAttention 3) and decodes what transformers decodes from the same checkpoint."""
+    FlashAttention 3) and decodes what transformers decodes from the same checkpoint; on CPUs
+    where vLLM takes no fp8 cache, both are refused with vLLM's reason."""
     calibration = dict(dataset="pydoc-calibration", num_samples=4, seq_len=64)
     checkpoints = [
         compress(
@@ -294,8 +319,17 @@ def test_vllm_serves_an_fp8_kv_cache_with_the_stored_scales(smollm2, prompt_ids,
         str(NEW_TOKENS),
         "--attention",
     )
+    if (refusal := fp8_kv_cache_refusal()) is not None:
+        # No AVX-512 or AMX: vLLM refuses the fp8 cache, for every checkpoint, and llmpress
+        # reports it as not served with vLLM's reason.
+        for checkpoint in checkpoints:
+            assert served[str(checkpoint)] == {"error": f"NotImplementedError: {refusal}"}
+        result = measure_serving(checkpoints[0], ["The capital of France is"], output_tokens=2)
+        assert not result.served and refusal in result.reason, result
+        return
     for checkpoint in checkpoints:
         result = served[str(checkpoint)]
+        assert "error" not in result, result
         stored = stored_modules(checkpoint)
         assert len(result["attention"]) == 30
         for name, layer in result["attention"].items():

@@ -5,7 +5,13 @@ stay out of pytest. Both modes print one JSON object on a line of its own, prefi
 
   generate CHECKPOINT... --prompts-json FILE --max-tokens N [--attention]
       greedy token ids per prompt, served by vLLM's CPU build: {checkpoint: [[ids], ...]};
-      with --attention {checkpoint: {"tokens": [[ids], ...], "attention": {layer: {...}}}}
+      with --attention {checkpoint: {"tokens": [[ids], ...], "attention": {layer: {...}}}};
+      a checkpoint vLLM cannot load or run here: {checkpoint: {"error": "Type: message"}},
+      and the next one is served as if it had not been there
+  kernels OP...
+      whether vLLM's CPU kernels for this CPU (the library vLLM itself picks by ISA) have
+      each custom op, and vLLM's refusal of an fp8 KV cache here (its CPU attention's own
+      check, None where it takes one): {"ops": {op: true/false}, "fp8_kv_cache": str | None}
   schemes CHECKPOINT... [--capability 9.0]
       the CompressedTensorsScheme vLLM picks for each quantized Linear, without a GPU:
       {checkpoint: {vllm_layer: scheme class name or "ERROR: message"}}
@@ -45,24 +51,49 @@ def generate(
 
     inputs = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    out = {}
+    out: dict[str, Any] = {}
     for checkpoint in checkpoints:
-        llm = LLM(
-            model=checkpoint,
-            dtype="bfloat16",
-            enforce_eager=True,  # no torch.compile / graph capture: minutes on 2 cores
-            max_model_len=512,
-            max_num_seqs=len(inputs),
-            kv_cache_memory_bytes=KV_CACHE_BYTES,
-        )
-        results = llm.generate(inputs, params, use_tqdm=False)
-        out[checkpoint] = [list(r.outputs[0].token_ids) for r in results]
-        if attention:
-            (layers,) = llm.apply_model(_attention_layers)
-            out[checkpoint] = {"tokens": out[checkpoint], "attention": layers}
-        del llm
-        gc.collect()
+        llm = None
+        try:
+            llm = LLM(
+                model=checkpoint,
+                dtype="bfloat16",
+                enforce_eager=True,  # no torch.compile / graph capture: minutes on 2 cores
+                max_model_len=512,
+                max_num_seqs=len(inputs),
+                kv_cache_memory_bytes=KV_CACHE_BYTES,
+            )
+            results = llm.generate(inputs, params, use_tqdm=False)
+            out[checkpoint] = [list(r.outputs[0].token_ids) for r in results]
+            if attention:
+                (layers,) = llm.apply_model(_attention_layers)
+                out[checkpoint] = {"tokens": out[checkpoint], "attention": layers}
+        except Exception as error:  # reported per checkpoint; the test asserts
+            out[checkpoint] = {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            # The engine is shut down now, before the next one starts: left to a later
+            # collection, its shutdown tears down the parallel groups the next one set up
+            # ("pipeline model parallel group is not initialized").
+            del llm
+            gc.collect()
     return out
+
+
+def kernels(ops: list[str]) -> dict[str, Any]:
+    """Which custom ops vLLM's CPU kernels register on this CPU, loaded as vLLM loads them
+    (`_C_AVX2`, `_C_AVX512` or `_C`, chosen by the CPU's ISA), and whether its CPU attention
+    takes an fp8 KV cache here (asked as for SmolLM2: bf16, head size 64)."""
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    current_platform.import_kernels()
+    try:
+        _get_attn_isa(torch.bfloat16, block_size=32, head_size=64, kv_cache_dtype="fp8")
+        refusal = None
+    except NotImplementedError as error:
+        refusal = str(error)
+    return {"ops": {op: hasattr(torch.ops._C, op) for op in ops}, "fp8_kv_cache": refusal}
 
 
 def _attention_layers(model: Any) -> dict[str, dict[str, Any]]:
@@ -254,12 +285,16 @@ def main() -> None:
     sch = modes.add_parser("schemes")
     sch.add_argument("checkpoints", nargs="+")
     sch.add_argument("--capability", default="9.0", help="GPU to decide for; 9.0 = H100/H200")
+    ker = modes.add_parser("kernels")
+    ker.add_argument("ops", nargs="+")
     args = parser.parse_args()
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
     if args.mode == "generate":
         prompts = json.loads(args.prompts_json.read_text())
         result: Any = generate(args.checkpoints, prompts, args.max_tokens, args.attention)
+    elif args.mode == "kernels":
+        result = kernels(args.ops)
     else:
         result = schemes(args.checkpoints, args.capability)
     print(MARK + json.dumps(result), flush=True)

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -68,6 +69,25 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# How torch reports a custom op that the loaded library does not define.
+_MISSING_OP = re.compile(r"'_OpNamespace' '\w+' object has no attribute '(\w+)'")
+
+
+def reason(error: BaseException) -> str:
+    """The one-line reason for a report: `one_line(error)`, said plainly first where vLLM
+    picked a kernel whose op its library for this CPU lacks (vLLM's CPU build ships one
+    library per ISA; the AVX2 one has no `cpu_gemm_wna16`, which int4 weight-only layers
+    call, and vLLM finds out only at the first forward)."""
+    text = one_line(error)
+    missing = _MISSING_OP.search(str(error))
+    if missing is None:
+        return text
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"vLLM's CPU kernels for this CPU ({isa}) have no {missing[1]} op: {text}"
 
 
 def kv_cache_bytes(checkpoint: Path, tokens: int) -> int:
@@ -162,7 +182,7 @@ def serve(checkpoint: Path, prompts: list[str], output_tokens: int) -> dict[str,
         )
         result.update(measure(llm, prompts, output_tokens), served=True)
     except Exception as error:  # the reason is the result
-        result["reason"] = one_line(error)
+        result["reason"] = reason(error)
     return result
 
 

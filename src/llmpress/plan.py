@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
+import compressed_tensors
 import torch
 from compressed_tensors.quantization import (
     ActivationOrdering,
@@ -682,14 +683,31 @@ def _gptq_actorder(scheme: QuantizationScheme, actorder: str) -> None:
                 f"--actorder {actorder} needs int weights in groups (W4A16, W8A16...); "
                 f"{args.type} {args.strategy} weights take --actorder static or none"
             )
+        if (refusal := _group_actorder_refusal()) is not None:
+            raise LlmpressError(
+                f"--actorder {actorder}: compressed-tensors {compressed_tensors.__version__} "
+                f"no longer reads group activation order ({refusal}), nor does vLLM; "
+                "use --actorder static (the default), which orders columns at no run-time cost"
+            )
         args.actorder = ActivationOrdering.GROUP
         log.warning(
-            "--actorder %s stores weight_g_idx: transformers reads it, vLLM 0.32 refuses it "
-            "(group activation ordering is no longer supported there); serve --actorder static",
+            "--actorder %s stores weight_g_idx: transformers reads it with compressed-tensors "
+            "< 0.19, vLLM 0.32 refuses it (group activation ordering is no longer supported "
+            "there); serve --actorder static",
             actorder,
         )
     elif actorder != "none" and args.strategy == QuantizationStrategy.GROUP:
         args.actorder = ActivationOrdering.STATIC
+
+
+def _group_actorder_refusal() -> str | None:
+    """The installed compressed-tensors' own error for `actorder="group"` (0.19 removed it),
+    or None where it still reads it."""
+    try:
+        QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder="group")
+    except ValidationError as error:
+        return str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None
 
 
 def _generic(name: str) -> str:

@@ -3,9 +3,9 @@
 A scale must fit the keys and values *as the cache stores them*: keys after the rotary
 embedding (and after q/k norms, where a model has them), values as projected. Rather than
 re-derive that per architecture, the attention module is handed a stand-in for transformers'
-`Cache` (its public cache argument, `cache` or `past_key_values` by version): every attention calls `cache.update(keys, values,
-layer_idx)` with exactly what it would store, and the stand-in observes, or fake-quantizes,
-and hands them back. This is where compressed-tensors' own `QuantizedKVCache` quantizes them
+`Cache` (its public cache argument, `cache` or `past_key_values` by version): every attention
+calls `cache.update(keys, values, layer_idx)` with exactly what it would store, and the
+stand-in observes, or fake-quantizes, and hands them back. This is where compressed-tensors' own `QuantizedKVCache` quantizes them
 when transformers loads the checkpoint, and what vLLM writes to its cache with `k_scale`.
 
 Scales are symmetric fp8 (e4m3), absmax / 448 over every calibration sample, by
@@ -63,8 +63,9 @@ def attention_modules(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]
 
 
 class _CacheStandIn:
-    """Passed as the attention's cache argument (`cache_argument`): stores nothing, lets `on_write` see (and replace) what
-    the attention would store: keys and values `(batch, kv_heads, seq, head_dim)`."""
+    """Passed as the attention's cache argument (`cache_argument`): stores nothing, lets
+    `on_write` see (and replace) what the attention would store: keys and values
+    `(batch, kv_heads, seq, head_dim)`."""
 
     def __init__(self, on_write: Callable[[torch.Tensor, torch.Tensor], tuple]):
         self.on_write = on_write

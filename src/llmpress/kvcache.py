@@ -5,8 +5,9 @@ embedding (and after q/k norms, where a model has them), values as projected. Ra
 re-derive that per architecture, the attention module is handed a stand-in for transformers'
 `Cache` (its public cache argument, `cache` or `past_key_values` by version): every attention
 calls `cache.update(keys, values, layer_idx)` with exactly what it would store, and the
-stand-in observes, or fake-quantizes, and hands them back. This is where compressed-tensors' own `QuantizedKVCache` quantizes them
-when transformers loads the checkpoint, and what vLLM writes to its cache with `k_scale`.
+stand-in observes, or fake-quantizes, and hands them back. This is where compressed-tensors'
+own `QuantizedKVCache` quantizes them when transformers loads the checkpoint, and what vLLM
+writes to its cache with `k_scale`.
 
 Scales are symmetric fp8 (e4m3), absmax / 448 over every calibration sample, by
 compressed-tensors' `calculate_qparams`; stored in the attention's dtype, shaped as

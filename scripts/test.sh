@@ -22,9 +22,12 @@ LATEST_TESTS=(
   tests/test_evaluate.py
   tests/test_cli.py
 )
+versions() {
+  "$1/bin/python" -c 'import transformers as t, compressed_tensors as c; print("transformers", t.__version__, "| compressed-tensors", c.__version__)'
+}
 status=0
-echo "== .venv (pinned): $(.venv/bin/python -c 'import transformers as t, compressed_tensors as c; print("transformers", t.__version__, "| compressed-tensors", c.__version__)')"
+echo "== .venv (pinned): $(versions .venv)"
 .venv/bin/python -m pytest -q || status=1
-echo "== .venv-latest (newest): $(.venv-latest/bin/python -c 'import transformers as t, compressed_tensors as c; print("transformers", t.__version__, "| compressed-tensors", c.__version__)')"
+echo "== .venv-latest (newest): $(versions .venv-latest)"
 .venv-latest/bin/python -m pytest -q -p no:cacheprovider "${LATEST_TESTS[@]}" || status=1
 exit $status

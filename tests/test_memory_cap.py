@@ -3,7 +3,7 @@ measured in a fresh subprocess (its address space's own high-water mark), with a
 cap.
 
 The model is a 2-layer Llama 64 wide, so that a few hundred thousand tokens of activations
-(~100 MB in float32) cost little compute; token ids are random, since only sizes matter here.
+(~200 MB in float32) cost little compute; token ids are random, since only sizes matter here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-TOKENS = 393_216  # 768 samples x 512: 100.7 MB of float32 hidden states (64 wide)
+TOKENS = 786_432  # 1536 samples x 512: 201 MB of float32 hidden states (64 wide)
 SCRIPT = r"""
 import json, sys, torch
 from pathlib import Path
@@ -78,6 +78,8 @@ def test_the_memory_cap_holds(narrow_llama, tmp_path):
     # Uncapped, the process holds the activations (a generation and part of the next).
     assert free["peak"] - base["peak"] > 0.9 * activations
     # Capped, it holds at most the budget, plus what does not depend on it: the token ids
-    # (3 MB), batches being written or read (1 MB each, up to 4), and what the allocator keeps
-    # of freed blocks. Measured: 12-17 MB over the budget; the uncapped run holds 90+.
-    assert capped["peak"] - base["peak"] < budget + 24 * 10**6, capped["peak"] - base["peak"]
+    # (6 MB), batches being written or read (1 MB each, up to 4), and the heap pages that
+    # freed batches and their temporaries leave resident until the layer ends (memory.py), which
+    # vary from run to run with thread timing. Measured over the budget: 13-33 MB on a 2-core
+    # AVX2 EPYC (36 MB once in CI at half these tokens); uncapped, the process holds 260-330.
+    assert capped["peak"] - base["peak"] < budget + 64 * 10**6, capped["peak"] - base["peak"]

@@ -18,6 +18,7 @@ from transformers import (
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from llmpress.evaluate.texts import load_text
@@ -30,6 +31,8 @@ if _WORKERS > 1:
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = REPO / ".cache" / "fixtures" / "smollm2-135m"
 MINILM = REPO / ".cache" / "fixtures" / "all-minilm-l6-v2"
+
+MOE_EXPERTS, MOE_LAYERS = 8, 2
 
 # Small enough to build in milliseconds, wide enough for group 128 and 128x128 blocks.
 _DIMS = dict(
@@ -144,3 +147,26 @@ def with_tokenizer(tiny_models, tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(path, models[family])
         tokenizer.save_pretrained(models[family])
     return models
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory, smollm2) -> Path:
+    """8 experts, 2 chosen per token, SmolLM2's tokenizer; weights wider than the default
+    init so that quantization error is visible."""
+    config = Qwen3MoeConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=MOE_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_experts=MOE_EXPERTS, num_experts_per_tok=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("moe") / "qwen3-moe"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2 / name, path / name)
+    return path

@@ -5,16 +5,17 @@ run by the layer runner as transformers runs the fused experts, smoothed with it
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import MOE_EXPERTS as EXPERTS
+from conftest import MOE_LAYERS as LAYERS
 from helpers import load_transformers, stored_modules
 from safetensors.torch import load_file
 from test_runner import _final_hidden
 from test_smoothing import _layer_calls, _run
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM
 
 from llmpress import compress
 from llmpress.experts import UnfusedExperts, unfuse_experts
@@ -22,32 +23,8 @@ from llmpress.runner import LayerRunner
 from llmpress.smoothing import apply_scale, infer_mappings, load_tensors, module_tensors
 from llmpress.source import ModelSource
 
-EXPERTS, LAYERS = 8, 2
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory, smollm2) -> Path:
-    """8 experts, 2 chosen per token, SmolLM2's tokenizer; weights wider than the default
-    init so that quantization error is visible."""
-    config = Qwen3MoeConfig(
-        vocab_size=49152, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=EXPERTS, num_experts_per_tok=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("moe") / "qwen3-moe"
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2 / name, path / name)
-    return path
 
 
 def _expert_modules(layer: int) -> list[str]:

@@ -43,8 +43,11 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def _kill_midway(tokenized_llama, out, after_layers: int, how=("--scheme", "FP8")) -> dict:
-    """Start the CLI, SIGKILL it once the journal lists `after_layers` finished layers."""
+def _kill_midway(
+    tokenized_llama, out, after_layers: int, how=("--scheme", "FP8"), env: dict | None = None
+) -> dict:
+    """Start the CLI, SIGKILL it once the journal lists `after_layers` finished layers (`env`:
+    the child's environment, default this one's with as many threads)."""
     command = [
         sys.executable, "-m", "llmpress.cli", "compress", str(tokenized_llama), "-o", str(out),
         *how, "--dataset", ARGS["dataset"], "--num-samples",
@@ -54,7 +57,8 @@ def _kill_midway(tokenized_llama, out, after_layers: int, how=("--scheme", "FP8"
     journal = partial_dir(out) / RESUME_DIR / "journal.json"
     # As many torch threads as this process: sums of products (GPTQ, AWQ) round by the order
     # their threads add them in, and the uninterrupted run here is compared byte for byte.
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if env is None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     record = None
     try:

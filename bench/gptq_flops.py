@@ -1,10 +1,10 @@
 """Achieved FLOP rate of GPTQ's two phases (issue 5), against this machine's own float32
 matrix-product rate measured in the same process:
 
-- the Hessian phase, H += xᵀx per batch (llmpress.gptq.Hessian.add): counted both as the
+- the Hessian phase, H += xᵀx per batch (llmpress.algorithms.gptq.Hessian.add): counted both as the
   products it really computes (upper-triangle panels) and as the full product 2·T·n² it
   replaces;
-- the solve (llmpress.gptq.gptq_quantize): the three n x n factorizations (4/3 n³ in all),
+- the solve (llmpress.algorithms.gptq.gptq_quantize): the three n x n factorizations (4/3 n³ in all),
   the lazy block updates (r·n·(B + n) for r rows, n columns, block B) and the two output-error
   products of the report (4·r·n²), a formula count, timed per call.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from benchlib import SMOLLM2
 
+import llmpress.algorithms.gptq as gptq
 import llmpress.calibrate as calibrate
-import llmpress.gptq as gptq
 from llmpress import compress
 
 

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from llmpress import compress
-from llmpress.awq import clip_search, search_scale
+from llmpress.algorithms.awq import clip_search, search_scale
+from llmpress.algorithms.gptq import rtn_dequantized
+from llmpress.algorithms.smoothing import Mapping
 from llmpress.cli import main as cli
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.texts import load_text
-from llmpress.gptq import rtn_dequantized
 from llmpress.schemes import build_scheme
-from llmpress.smoothing import Mapping
 
 TINY_CALIBRATION = dict(num_samples=3, seq_len=32, seed=0)
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=16, seq_len=128, seed=0)

@@ -24,9 +24,9 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress import compress
+from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
 from llmpress.cli import main as cli
 from llmpress.errors import LlmpressError
-from llmpress.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
 from llmpress.schemes import build_scheme
 
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)

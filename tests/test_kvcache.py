@@ -18,13 +18,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from llmpress import compress
+from llmpress.algorithms.kvcache import (
+    KVCacheCalibration,
+    attention_modules,
+    cache_argument,
+    kv_cache_args,
+)
 from llmpress.cli import main, run
 from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint, format_report
 from llmpress.evaluate.loading import kv_cache_not_applied
 from llmpress.evaluate.texts import load_text
-from llmpress.kvcache import KVCacheCalibration, attention_modules, cache_argument, kv_cache_args
 from llmpress.runner import LayerRunner
 from llmpress.source import ModelSource
 

@@ -18,9 +18,9 @@ from test_smoothing import _layer_calls, _run
 from transformers import AutoModelForCausalLM
 
 from llmpress import compress
+from llmpress.algorithms.smoothing import apply_scale, infer_mappings, load_tensors, module_tensors
 from llmpress.experts import UnfusedExperts, unfuse_experts
 from llmpress.runner import LayerRunner
-from llmpress.smoothing import apply_scale, infer_mappings, load_tensors, module_tensors
 from llmpress.source import ModelSource
 
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64, seed=0)

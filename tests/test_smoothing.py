@@ -8,7 +8,7 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from llmpress.smoothing import apply_scale, infer_mappings, load_tensors, module_tensors
+from llmpress.algorithms.smoothing import apply_scale, infer_mappings, load_tensors, module_tensors
 
 ATTN, MLP = "self_attn", "mlp"
 LLAMA_LIKE = {

@@ -19,19 +19,16 @@ from test_smollm2 import perplexity
 from transformers import AutoTokenizer
 
 from llmpress import compress
+from llmpress.algorithms.gptq import GPTQOptions, gptq_quantize
+from llmpress.algorithms.magnitude import magnitude_mask
+from llmpress.algorithms.sparsegpt import Pruning
+from llmpress.algorithms.wanda import wanda_mask
 from llmpress.api import compress_options
 from llmpress.checkpoint import recipe_yaml
 from llmpress.errors import LlmpressError
-from llmpress.gptq import GPTQOptions, Pruning, gptq_quantize
 from llmpress.plan import build_plan
 from llmpress.source import ModelSource
-from llmpress.sparsity import (
-    Structure,
-    magnitude_mask,
-    n_m_violations,
-    wanda_mask,
-    zero_fraction,
-)
+from llmpress.sparsity import Structure, n_m_violations, zero_fraction
 
 CALIBRATION = dict(dataset="pydoc-calibration", num_samples=8, seq_len=64)
 TWO_FOUR = Structure(2, 4)

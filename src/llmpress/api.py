@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from llmpress import __version__
 from llmpress.activations import ActivationCache
+from llmpress.algorithms import Role, algorithms_of, by_role, parse_method, pruner_named
 from llmpress.checkpoint import quantization_config, recipe_yaml
 from llmpress.errors import LlmpressError
 from llmpress.journal import Journal
@@ -190,17 +191,15 @@ def compress_options(scheme: str | None, recipe=None, **fields) -> CompressOptio
 def _split_pruner(fields: dict) -> None:
     """`method` "sparsegpt", "wanda", "magnitude" (or "wanda+gptq"...): the pruning method,
     and what quantizes after it (round to nearest unless named)."""
-    from llmpress.sparsity import PRUNERS
-
     method = fields.get("method")
     if method is None:
         return
-    first, _, rest = str(method).partition("+")
-    if first in PRUNERS:
+    parsed = parse_method(method)
+    if parsed.pruner is not None:
         if fields.get("prune") is not None:
             raise LlmpressError("the pruning method is given twice")
-        fields["prune"] = first
-        fields["method"] = rest or None
+        fields["prune"] = parsed.pruner.name
+        fields["method"] = parsed.quantizing
 
 
 # What a run holds besides its two resident layer groups: interpreter, torch, transformers and
@@ -237,9 +236,7 @@ def dry_run(
     activation_bytes = 0
     static = any(needs_calibration(g.scheme) for g in plan.groups)
     # GPTQ, AWQ, SmoothQuant, SparseGPT or Wanda observe the layers' inputs
-    observed = any(m != "rtn" for m in options.methods) or (
-        plan.sparsity is not None and plan.sparsity.needs_data
-    )
+    observed = any(a.needs for a in options.algorithms)
     if needs_data(plan, options):
         _require_dataset(options)
         tokens = options.num_samples * options.seq_len  # at most: short texts give fewer
@@ -279,9 +276,7 @@ def dry_run(
         "model": str(source.path),
         "scheme": options.label,
         "kv_cache": options.kv_cache,
-        "algorithm": " / ".join(
-            ([options.prune] if options.prune else []) + list(dict.fromkeys(options.methods))
-        )
+        "algorithm": " / ".join(options.method_names)
         + (" + static activation scales" if static else ""),
         "observer": options.observer,
         "quantized_modules": sum(plan.quantized(m) for m in plan.modules),
@@ -487,9 +482,9 @@ def _streamed(source: ModelSource, plan: Plan, group: list[str]) -> bool:
 
 def gptq_options(options: CompressOptions):
     """GPTQ's settings from the run's options, or None when weights are rounded to nearest."""
-    if options.solver != "gptq" and options.prune != "sparsegpt":
+    if options.solver is None and not (options.pruner and options.pruner.solved):
         return None
-    from llmpress.gptq import GPTQOptions
+    from llmpress.algorithms.gptq import GPTQOptions
 
     return GPTQOptions(options.block_size, options.dampening_frac, options.actorder)
 
@@ -498,7 +493,7 @@ def smoothing_options(options: CompressOptions):
     """AWQ's or SmoothQuant's settings, or None when the layers are not smoothed."""
     if options.smoother is None:
         return None
-    from llmpress.smoothing import SmoothingOptions
+    from llmpress.algorithms.smoothing import SmoothingOptions
 
     return SmoothingOptions(
         options.smoother,
@@ -510,33 +505,27 @@ def smoothing_options(options: CompressOptions):
 
 
 def _require_dataset(options: CompressOptions) -> None:
-    if options.dataset is None:
-        if options.prune in ("sparsegpt", "wanda"):
-            what = (
-                "SparseGPT prunes by the Hessians of the layers' inputs"
-                if options.prune == "sparsegpt"
-                else "Wanda prunes by the norms of the layers' inputs"
-            )
-            raise LlmpressError(
-                f"{what}, computed from calibration text: give --dataset (e.g. "
-                "pydoc-calibration, or a .txt/.jsonl file), or prune by --method magnitude"
-            )
-        if options.smoother == "awq":
-            what = "AWQ searches its scales on the layers' inputs"
-        elif options.smoother == "smoothquant":
-            what = "SmoothQuant computes its scales from the layers' inputs"
-        elif options.solver == "gptq":
-            what = "GPTQ solves the weights on the layers' inputs"
-        elif options.kv_cache and not any(
-            (g.scheme or "").upper() in CALIBRATED for g in options.scheme_groups
-        ):
-            what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
-        else:
-            what = f"{options.label} quantizes activations with static scales"
+    if options.dataset is not None:
+        return
+    pruner = options.pruner
+    if pruner is not None and pruner.needs_data:
+        free = " or ".join(p.name for p in by_role(Role.PRUNE) if not p.needs_data)
         raise LlmpressError(
-            f"{what}, computed from calibration text: give --dataset (e.g. "
-            "pydoc-calibration, or a .txt/.jsonl file)"
+            f"{pruner.needs_data}, computed from calibration text: give --dataset (e.g. "
+            f"pydoc-calibration, or a .txt/.jsonl file), or prune by --method {free}"
         )
+    if (algorithm := options.smoother or options.solver) is not None:
+        what = algorithm.needs_data
+    elif options.kv_cache and not any(
+        (g.scheme or "").upper() in CALIBRATED for g in options.scheme_groups
+    ):
+        what = f"--kv-cache {options.kv_cache} quantizes keys and values with static scales"
+    else:
+        what = f"{options.label} quantizes activations with static scales"
+    raise LlmpressError(
+        f"{what}, computed from calibration text: give --dataset (e.g. "
+        "pydoc-calibration, or a .txt/.jsonl file)"
+    )
 
 
 def needs_data(plan: Plan, options: CompressOptions) -> bool:
@@ -546,7 +535,8 @@ def needs_data(plan: Plan, options: CompressOptions) -> bool:
 
     static = any(needs_calibration(g.scheme) for g in plan.groups)
     pruning = plan.sparsity is not None and plan.sparsity.needs_data
-    return static or pruning or plan.kv_cache is not None or bool(set(options.methods) - {"rtn"})
+    solving = any(a.needs_data for a in algorithms_of(options.methods))
+    return static or pruning or plan.kv_cache is not None or solving
 
 
 def _calibration(source: ModelSource, plan: Plan, options: CompressOptions):
@@ -645,7 +635,7 @@ def _write_tensors(
                 elif to_quantize:
                     packed = {}
                     if plan.sparsity is not None:
-                        packed |= _prune_by_magnitude(to_quantize, plan, pruned)
+                        packed |= _prune_data_free(to_quantize, plan, pruned)
                     for scheme, modules in plan.by_scheme(to_quantize):
                         packed |= compress_layer(
                             {m: to_quantize[m] for m in modules},
@@ -675,17 +665,19 @@ def _write_tensors(
     bar.close()
 
 
-def _prune_by_magnitude(weights: dict, plan: Plan, pruned: dict[str, float]) -> dict:
+def _prune_data_free(weights: dict, plan: Plan, pruned: dict[str, float]) -> dict:
     """Magnitude pruning of a data-free run, in place in `weights`; returns the stored
     tensors of the modules only pruned (dense), and records each one's zeros in `pruned`."""
-    from llmpress.sparsity import magnitude_mask, zero_fraction
+    from llmpress.sparsity import zero_fraction
+
+    pruner = pruner_named(plan.sparsity.method)  # a data-free one: it needs no inputs
 
     stored = {}
     for name, weight in weights.items():
         if not plan.pruned(name):
             continue
         check_finite(f"{name}.weight", weight)
-        mask = magnitude_mask(weight, plan.sparsity.modules[name], plan.sparsity.structure)
+        mask = pruner.mask(weight, None, plan.sparsity.modules[name], plan.sparsity.structure)
         weights[name] = weight = weight.masked_fill(mask, 0)
         pruned[name] = round(zero_fraction(weight), 6)  # `_record_served_zeros` may add some
         if not plan.quantized(name):

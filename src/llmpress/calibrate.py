@@ -8,7 +8,7 @@ NVFP4's global scale), as for weights. Modules vLLM fuses into one GEMM (q/k/v, 
 the same input and get one shared range. The layer is then run again *compressed*
 (dequantized weights, quantized inputs), so the next layer calibrates on what it will see at
 inference. With `--kv-cache` (any weight scheme), a pass in between runs the compressed layer
-and observes what each attention caches (llmpress.kvcache); the last pass stores that in fp8.
+and observes what each attention caches (llmpress.algorithms.kvcache); the last pass stores that in fp8.
 With `propagate="original"` the observing pass runs the whole layer, uncompressed, and its
 outputs are the next layer's inputs: one pass per layer instead of two or three, and every
 statistic is the original model's (as a calibration forward of the whole model would give).
@@ -40,28 +40,28 @@ from compressed_tensors.quantization.utils import calculate_qparams, generate_gp
 from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
 from llmpress.activations import ActivationCache
-from llmpress.awq import clip_search, search_scale
+from llmpress.algorithms import Need, algorithms_of, pruner_named, quantizer_of, smoother_of
+from llmpress.algorithms.awq import clip_search
+from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize
+from llmpress.algorithms.kvcache import KVCacheCalibration, attention_modules
+from llmpress.algorithms.smoothing import (
+    Mapping,
+    SmoothingOptions,
+    apply_scale,
+    infer_mappings,
+    load_tensors,
+)
+from llmpress.algorithms.sparsegpt import Pruning
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
-from llmpress.gptq import GPTQOptions, Hessian, Pruning, gptq_quantize
-from llmpress.kvcache import KVCacheCalibration, attention_modules
 from llmpress.memory import return_freed_memory
 from llmpress.packing import installed_layout, layouts_differ
-from llmpress.plan import (
-    Plan,
-    default_propagation,
-    fused_groups,
-    sequential_allowed,
-    smoother_of,
-    solver_of,
-)
+from llmpress.plan import Plan, default_propagation, fused_groups, sequential_allowed
 from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
 from llmpress.runner import LayerRunner, StopLayer
 from llmpress.sequential import Sequencer
-from llmpress.smoothing import Mapping, SmoothingOptions, apply_scale, infer_mappings, load_tensors
-from llmpress.smoothquant import smoothing_scale
 from llmpress.source import ModelSource
-from llmpress.sparsity import magnitude_mask, wanda_mask, zero_fraction
+from llmpress.sparsity import zero_fraction
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,13 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
         methods = [g.method for g in plan.groups if g.name in quantizes]
         if prunes:  # pruning changes the function: the next layer sees it, as GPTQ's
             methods.append(plan.sparsity.method)
+        algorithms = algorithms_of(methods)
         if not quantizes and not prunes:  # it only smooths, keeping the function: one pass
             mode = "compressed" if propagate == "compressed" else "original"  # gives the same
         else:
-            mode = propagate or default_propagation(methods, kv)
-        if mode == "sequential" and not sequential_allowed(
-            methods + [g.method for g in plan.groups if g.name in smooths], kv
-        ):
+            mode = propagate or default_propagation(algorithms, kv)
+        smoothing = algorithms_of(g.method for g in plan.groups if g.name in smooths)
+        if mode == "sequential" and not sequential_allowed(algorithms + smoothing, kv):
             raise LlmpressError(
                 "--propagate sequential compresses each module as soon as its inputs are "
                 "seen; smoothing (AWQ, SmoothQuant) and --kv-cache need a whole layer "
@@ -123,7 +123,11 @@ def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> li
         return [stage(smoothed, every, plan.sparsity is not None)]
     stages = []
     if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
-        rounded = frozenset(g.name for g in plan.groups if smoother_of(g.method) == "awq")
+        rounded = frozenset(
+            g.name
+            for g in plan.groups
+            if (smoother := smoother_of(g.method)) is not None and smoother.quantizes_smoothed
+        )
         stages.append(stage(smoothed, rounded))
     rest = every - (stages[0].quantizes if stages else frozenset())
     if rest:
@@ -459,6 +463,7 @@ class StaticCalibration:
         self.gptq = gptq  # GPTQOptions: weights by GPTQ instead of round-to-nearest
         self.offload_hessians = offload_hessians
         self.smoothing = smoothing
+        self.pruner = pruner_named(plan.sparsity.method) if plan.sparsity is not None else None
         self.mappings: list[Mapping] | None = None  # inferred on the first layer run
         # For the manifest: GPTQ's report per module, smoothing's per site and layer.
         self.report: dict[str, dict] = {"gptq": {}, "smoothing": {}}
@@ -516,26 +521,27 @@ class StaticCalibration:
             for n in weights
             if n in part or plan.quantized(n) and plan.group_of(n).name in stage.smooths
         ]
-        awq = bool(stage.smooths) and self.smoothing.method == "awq"
-        pruner = plan.sparsity.method if plan.sparsity is not None else None
         pruned = [n for n in part if plan.pruned(n)]
-        gptq = any(solver_of(plan.method_of(n)) == "gptq" for n in part if plan.quantized(n)) or (
-            pruner == "sparsegpt" and bool(pruned)
-        )
-        wanda = pruner == "wanda" and bool(pruned)
+        # What this stage's algorithms need observed of their modules' inputs.
+        needs = self.smoothing.method.needs if stage.smooths else Need.NOTHING
+        for name in part:
+            if plan.quantized(name):
+                needs |= quantizer_of(plan.method_of(name)).needs
+        if pruned:
+            needs |= self.pruner.needs
         kv = self.kv if last else None
         watch = None
         hooks = []
-        if self.static or gptq or stage.smooths or wanda:
+        if self.static or needs & (Need.HESSIAN | Need.CHANNELS | Need.INPUT_NORMS):
             watch = _InputObserver(
                 watched,
                 ranges=self.static,
-                hessians=gptq or awq,
+                hessians=bool(needs & Need.HESSIAN),
                 device=self.device,
                 offload=self.offload_hessians,
                 stop=not (stage.one_pass or stage.sequential),
-                channels=bool(stage.smooths),
-                squares=wanda,  # pruning never smooths
+                channels=bool(needs & Need.CHANNELS),
+                squares=bool(needs & Need.INPUT_NORMS),  # pruning never smooths
             )
             hooks = [
                 self.runner.modules[n].register_forward_pre_hook(watch.hook(n)) for n in watched
@@ -572,8 +578,7 @@ class StaticCalibration:
     def _compress_part(self, weights, watch, observer, layout) -> tuple[dict, dict]:
         """Prune and quantize modules `weights` (by name) on what `watch` observed of their
         inputs: their stored tensors (packed) and their solved states, by module."""
-        plan = self.plan
-        pruner = plan.sparsity.method if plan.sparsity is not None else None
+        plan, pruner = self.plan, self.pruner
         pruned = [n for n in weights if plan.pruned(n)]
         masks = self._masks({n: weights[n] for n in pruned}, watch) if pruned else {}
         states, packed = {}, {}
@@ -583,10 +588,9 @@ class StaticCalibration:
             # on the same Hessian); rounded to nearest: the others, pruned first by SparseGPT
             # or by their masks (Wanda's, magnitude's), as llm-compressor's pruning modifier
             # then its QuantizationModifier.
-            gptq_solved = solver_of(group.method) == "gptq"
-            solve = members if gptq_solved else []
+            solve = members if quantizer_of(group.method).solves else []
             rest = {m: weights[m] for m in members if m not in solve}
-            first = [m for m in rest if pruner == "sparsegpt" and plan.pruned(m)]
+            first = [m for m in rest if pruner is not None and pruner.solved and plan.pruned(m)]
             if first:
                 mine = {m: weights[m] for m in first}
                 done = self._gptq_states(mine, None, watch.hessians, observer, masks)
@@ -606,7 +610,7 @@ class StaticCalibration:
                     packed[name].update(self._input_params(name, watch, weights[name].dtype))
         unquantized = {n: weights[n] for n in pruned if not plan.quantized(n)}
         if unquantized:  # pruned only: stored dense, in the checkpoint's dtype
-            if pruner == "sparsegpt":
+            if pruner.solved:
                 solved = self._gptq_states(unquantized, None, watch.hessians, observer, masks)
             else:
                 solved = {n: {"weight": w} for n, w in _masked(unquantized, masks).items()}
@@ -661,18 +665,15 @@ class StaticCalibration:
     def _masks(self, weights: dict[str, torch.Tensor], watch) -> dict[str, torch.Tensor]:
         """The masks chosen before quantization (Wanda's, magnitude's), by module; SparseGPT
         chooses its own in the solve."""
-        sparsity = self.plan.sparsity
-        if sparsity.method == "sparsegpt":
+        sparsity, pruner = self.plan.sparsity, self.pruner
+        if pruner.solved:
             return {}
         masks = {}
         for name, weight in weights.items():
             target = sparsity.modules[name]
             check_finite(f"{name}.weight", weight)
-            if sparsity.method == "wanda":
-                norms = watch.channels[name].rms()
-                masks[name] = wanda_mask(weight, norms, target, sparsity.structure)
-            else:
-                masks[name] = magnitude_mask(weight, target, sparsity.structure)
+            norms = watch.channels[name].rms() if pruner.needs & Need.INPUT_NORMS else None
+            masks[name] = pruner.mask(weight, norms, target, sparsity.structure)
         return masks
 
     def _record_sparsity(self, pruned: list[str], readable: dict) -> None:
@@ -746,7 +747,8 @@ class StaticCalibration:
                     state["weight_g_idx"] = result.g_idx
                 states[m] = state
                 baseline = "loss_magnitude" if self.plan.pruned(m) else "loss_rtn"
-                section = "gptq" if scheme is not None else "sparsegpt"
+                by = quantizer_of(self.plan.method_of(m)) if scheme is not None else self.pruner
+                section = by.manifest
                 self.report.setdefault(section, {})[m] = {
                     "solved_with": members,
                     baseline: result.loss_rtn,
@@ -793,7 +795,7 @@ class StaticCalibration:
         log.info("%s mappings: %s", self.smoothing.method, ", ".join(m.name for m in mappings))
         unused = [f"{name}: not used by {self.smoothing.method}" for name in left]
         self.report["smoothing"].update(
-            method=self.smoothing.method,
+            method=self.smoothing.method.name,
             mappings=[m.name for m in mappings],
             skipped=found.skipped + unused,
         )
@@ -817,25 +819,16 @@ class StaticCalibration:
                 continue  # its readers' group is not smoothed (several methods in one run)
             stats = watch.channels[members[0]]
             balance = [tensors[f"{b}.weight"].to(device, torch.float32) for b in mapping.balance]
-            entry: dict = {}
-            if options.method == "awq":
-                hessian = watch.hessians[members[0]].mean(device)
-                result = search_scale(
-                    mapping,
-                    balance,
-                    hessian,
-                    stats.abs_mean(),
-                    self.plan.scheme_of(members[0]).weights,
-                    observer,
-                    self.checkpoint_dtype,
-                    options.duo_scaling,
-                    options.grid,
-                )
-                scale = result.scale
-                entry = {"ratio": result.ratio, "loss_rtn": result.loss_rtn, "loss": result.loss}
-                del hessian
-            else:
-                scale = smoothing_scale(mapping, balance, stats.absmax(), options.strength)
+            scale, entry = options.method.choose_scale(
+                mapping,
+                balance,
+                stats,
+                lambda: watch.hessians[members[0]].mean(device),  # noqa: B023 - called at once
+                self.plan.scheme_of(members[0]).weights,
+                observer,
+                self.checkpoint_dtype,
+                options,
+            )
             entry["scale_range"] = [float(scale.min()), float(scale.max())]
             self.report["smoothing"]["sites"][f"{prefix}{mapping.smooth}"] = entry
             apply_scale(mapping, scale, tensors)
@@ -850,7 +843,7 @@ class StaticCalibration:
                     watch.lo[m], watch.hi[m] = stats.lo.min().cpu(), stats.hi.max().cpu()
         for name in weights:
             weights[name] = tensors[f"{name[len(prefix) :]}.weight"]
-        if options.method == "awq" and options.clip:
+        if options.method.clips and options.clip:
             self._clip(weights, watch, observer)
         changed = {k: v for k, v in tensors.items() if v is not before[k]}
         for key, value in changed.items():
@@ -863,7 +856,8 @@ class StaticCalibration:
         through the attention softmax, which the output error does not see)."""
         clipped = self.report["smoothing"].setdefault("clip", {})
         for name, weight in weights.items():
-            if name.rsplit(".", 1)[-1] in CLIP_SKIPPED or self.plan.method_of(name) != "awq":
+            clipped_by = smoother_of(self.plan.method_of(name))
+            if name.rsplit(".", 1)[-1] in CLIP_SKIPPED or clipped_by is not self.smoothing.method:
                 continue
             hessian = watch.hessians[name].mean(self.device)
             result = clip_search(

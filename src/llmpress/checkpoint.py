@@ -22,6 +22,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.utils import match_targets
 
+from llmpress.algorithms import DEFAULT_QUANTIZER, smoother_of
 from llmpress.errors import LlmpressError
 from llmpress.packing import layout_of, layouts_differ
 from llmpress.plan import CompressOptions, Plan
@@ -122,9 +123,9 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
             group["input_activations"] = planned.scheme.input_activations.model_dump(
                 mode="json", exclude_defaults=True
             )
-        (own_awq if several and method == "awq" else quantized)[planned.name] = group
+        (own_awq if several and _rounds_itself(method) else quantized)[planned.name] = group
     specs = [g for g, m in zip(options.scheme_groups, options.methods, strict=True)
-             if not (several and m == "awq")]  # fmt: skip
+             if not (several and _rounds_itself(m))]  # fmt: skip
     modifier = {
         "targets": list(dict.fromkeys(t for g in specs for t in g.targets)),
         "ignore": list(options.ignore),
@@ -132,26 +133,17 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
     }
     if plan.kv_cache is not None:
         modifier["kv_cache_scheme"] = plan.kv_cache.model_dump(mode="json", exclude_defaults=True)
-    kind = "QuantizationModifier"
-    if options.solver == "gptq":
-        kind = "GPTQModifier"
-        modifier["block_size"] = options.block_size
-        modifier["dampening_frac"] = options.dampening_frac
-        modifier["actorder"] = None if options.actorder == "none" else options.actorder
-        modifier["offload_hessians"] = options.offload_hessians
+    quantizer = options.solver or DEFAULT_QUANTIZER
+    modifier = quantizer.recipe_args(options, modifier)
     modifiers = {}
-    if options.smoother == "smoothquant":
-        modifiers["SmoothQuantModifier"] = {"smoothing_strength": options.smoothing_strength}
-    elif options.smoother == "awq":
-        # As llm-compressor 0.14 spells it: AWQ smooths, the quantization modifier after it
+    if (smoother := options.smoother) is not None:
+        # As llm-compressor 0.14 spells AWQ: it smooths, the quantization modifier after it
         # quantizes (its scheme is what AWQ's search rounds to).
-        modifiers["AWQModifier"] = {"duo_scaling": options.duo_scaling, "n_grid": options.awq_grid}
-        if options.awq_clip:  # llmpress' own option: llm-compressor 0.14 has no clipping
-            modifiers["AWQModifier"]["llmpress_clip"] = True
+        modifiers[smoother.modifier] = smoother.recipe_args(options)
         if own_awq:
-            modifiers["AWQModifier"].update(ignore=list(options.ignore), config_groups=own_awq)
+            modifiers[smoother.modifier].update(ignore=list(options.ignore), config_groups=own_awq)
     if quantized:
-        modifiers[kind] = modifier
+        modifiers[quantizer.modifier] = modifier
     recipe = {}
     if plan.sparsity is not None:
         recipe["sparsity_stage"] = {"sparsity_modifiers": _pruning_modifier(plan, options)}
@@ -159,7 +151,7 @@ def recipe_yaml(plan: Plan, options: CompressOptions) -> str:
         recipe["quant_stage"] = {"quant_modifiers": modifiers}
     header = (
         f"# written by llmpress: {options.label}, method "
-        f"{'/'.join(([options.prune] if options.prune else []) + list(dict.fromkeys(options.methods)))}, "
+        f"{'/'.join(options.method_names)}, "
         f"observer {options.observer}\n"
     )
     return header + yaml.safe_dump(recipe, sort_keys=False)
@@ -183,14 +175,13 @@ def _pruning_modifier(plan: Plan, options: CompressOptions) -> dict:
         "targets": list(targets or ("Linear",)),
         "ignore": list(ignore),
     }
-    if options.prune == "sparsegpt":
-        args.update(block_size=options.block_size, dampening_frac=options.dampening_frac)
-        return {"SparseGPTModifier": args}
-    if options.prune == "wanda":
-        return {"WandaPruningModifier": args}
-    args["final_sparsity"] = args.pop("sparsity")
-    args["init_sparsity"] = args["final_sparsity"]
-    return {"MagnitudePruningModifier": args}
+    return {options.pruner.modifier: options.pruner.recipe_args(options, args)}
+
+
+def _rounds_itself(method: str) -> bool:
+    """A group whose smoother also rounds its weights (AWQ): its modifier's own group."""
+    smoother = smoother_of(method)
+    return smoother is not None and smoother.quantizes_smoothed
 
 
 def read_quantization_config(checkpoint: Path) -> dict:

@@ -12,6 +12,24 @@ import click
 from llmpress.errors import LlmpressError
 
 
+class _MethodChoice(click.Choice):
+    """--method's choices, read from the algorithm registry each time they are needed: an
+    algorithm registered after this module is imported (a plugin's) is offered too."""
+
+    def __init__(self):
+        super().__init__([])
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from llmpress.algorithms import method_choices
+
+        return tuple(method_choices())
+
+    @choices.setter
+    def choices(self, value) -> None:  # noqa: ANN001 - click's __init__ sets them
+        pass
+
+
 def _print_smoothing(report: dict) -> None:
     sites = report.get("sites", {})
     click.echo(f"  {report['method']}: {len(sites)} sites smoothed")
@@ -121,21 +139,7 @@ def main() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(
-        [
-            "rtn",
-            "gptq",
-            "awq",
-            "smoothquant",
-            "smoothquant+gptq",
-            "sparsegpt",
-            "wanda",
-            "magnitude",
-            "sparsegpt+gptq",
-            "wanda+gptq",
-            "magnitude+gptq",
-        ]  # fmt: skip
-    ),
+    type=_MethodChoice(),
     default=None,
     help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
     "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "

@@ -12,18 +12,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
-import compressed_tensors
 import torch
 from compressed_tensors.quantization import (
-    ActivationOrdering,
     QuantizationArgs,
     QuantizationScheme,
     QuantizationStrategy,
 )
 from compressed_tensors.utils import is_match, match_targets
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,9 +31,20 @@ from pydantic import (
     model_validator,
 )
 
+from llmpress.algorithms import (
+    DEFAULT_QUANTIZER,
+    Algorithm,
+    Quantizer,
+    Smoother,
+    algorithms_of,
+    parse_method,
+    pruner_named,
+    quantizer_of,
+    smoother_of,
+)
+from llmpress.algorithms.kvcache import attention_modules, kv_cache_args
 from llmpress.errors import LlmpressError
 from llmpress.experts import routers
-from llmpress.kvcache import attention_modules, kv_cache_args
 from llmpress.packing import installed_layout
 from llmpress.schemes import build_scheme
 from llmpress.source import ModelSource
@@ -51,8 +61,30 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1
 log = logging.getLogger(__name__)
 
 
-Method = Literal["rtn", "gptq", "awq", "smoothquant", "smoothquant+gptq"]
-Pruner = Literal["sparsegpt", "wanda", "magnitude"]
+def _quantizing_method(value: str) -> str:
+    """A group's or run's method: a transform and/or a quantizer (the pruner is `prune`)."""
+    try:
+        method = parse_method(value)
+    except LlmpressError as error:
+        raise ValueError(str(error)) from None
+    if method.pruner is not None:
+        raise ValueError(f"{value}: {method.pruner.name} prunes; give it as `prune`")
+    return value
+
+
+def _pruning_method(value: str) -> str:
+    try:
+        method = parse_method(value)
+    except LlmpressError as error:
+        raise ValueError(str(error)) from None
+    if method.algorithms != (method.pruner,):
+        raise ValueError(f"{value} is not a pruning method")
+    return value
+
+
+# Algorithm names as the user writes them, checked against the registry (llmpress.algorithms).
+Method = Annotated[str, AfterValidator(_quantizing_method)]
+Pruner = Annotated[str, AfterValidator(_pruning_method)]
 
 
 class SchemeGroup(BaseModel):
@@ -152,13 +184,13 @@ class CompressOptions(BaseModel):
     seq_len: int = Field(default=512, gt=0)
     seed: int = 0
     # FP8 KV cache: "fp8" one k/v scale per attention, "fp8-head" one per KV head (see
-    # llmpress.kvcache); calibrated on `dataset`.
+    # llmpress.algorithms.kvcache); calibrated on `dataset`.
     kv_cache: Literal["fp8", "fp8-head"] | None = None
     # How weights are rounded: "rtn" (round to nearest, by the observer) or "gptq" (error
-    # feedback through the inputs' Hessian, llmpress.gptq; needs `dataset`), after optional
+    # feedback through the inputs' Hessian, llmpress.algorithms.gptq; needs `dataset`), after optional
     # smoothing: "awq" (weight-only schemes, then round to nearest), "smoothquant" (schemes
     # that quantize activations), "smoothquant+gptq" (the standard W8A8 recipe).
-    method: Method = "rtn"
+    method: Method = DEFAULT_QUANTIZER.name
     smoothing_strength: float = Field(default=0.5, gt=0, le=1)  # SmoothQuant's α
     duo_scaling: bool = True  # AWQ: scales from activations and weights (False: activations)
     awq_clip: bool = False  # AWQ: also search each weight group's clipping range
@@ -229,7 +261,8 @@ class CompressOptions(BaseModel):
                 f"a {structure.label} mask prunes exactly {structure.sparsity:g} of each "
                 "weight; drop sparsity, or use an unstructured mask"
             )
-        if structure.structured and self.prune == "sparsegpt" and self.block_size % structure.m:
+        solved = self.pruner.solved
+        if structure.structured and solved and self.block_size % structure.m:
             raise ValueError(f"block_size must be a multiple of the mask's M ({structure.m})")
         if self._smoothers or self.independent:
             raise ValueError(
@@ -285,8 +318,7 @@ class CompressOptions(BaseModel):
     def propagation(self) -> str:
         """What each layer calibrates on: `propagate`, or by default "original" where every
         group is AWQ's, "sequential" for SparseGPT and Wanda, "compressed" otherwise."""
-        methods = self.methods + ((self.prune,) if self.prune else ())
-        return self.propagate or default_propagation(methods, self.kv_cache is not None)
+        return self.propagate or default_propagation(self.algorithms, self.kv_cache is not None)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -294,20 +326,32 @@ class CompressOptions(BaseModel):
         return tuple(g.method or self.method for g in self.scheme_groups)
 
     @property
-    def solver(self) -> str:
-        """How the weights are rounded once smoothed: "gptq" (some group's, at least) or
-        "rtn"."""
-        return "gptq" if any(solver_of(m) == "gptq" for m in self.methods) else "rtn"
+    def algorithms(self) -> tuple[Algorithm, ...]:
+        """Every algorithm of the run, once each: the pruner, then each group's in order."""
+        return algorithms_of(([self.prune] if self.prune else []) + list(self.methods))
 
     @property
-    def smoother(self) -> str | None:
-        """The smoothing applied before rounding: "awq", "smoothquant" or None (one kind per
-        run)."""
+    def method_names(self) -> list[str]:
+        """The algorithms in the user's words: the pruner, then each distinct group method."""
+        return ([self.prune] if self.prune else []) + list(dict.fromkeys(self.methods))
+
+    @property
+    def pruner(self):  # noqa: ANN201 - llmpress.algorithms.base.Pruner | None
+        return pruner_named(self.prune)
+
+    @property
+    def solver(self) -> Quantizer | None:
+        """The solving quantizer (GPTQ) of some group, or None where all round to nearest."""
+        return next((q for m in self.methods if (q := quantizer_of(m)).solves), None)
+
+    @property
+    def smoother(self) -> Smoother | None:
+        """The smoothing applied before rounding, or None (one kind per run)."""
         return next(iter(self._smoothers), None)
 
     @property
-    def _smoothers(self) -> set[str]:
-        return {smoother_of(m) for m in self.methods} - {None}
+    def _smoothers(self) -> dict[Smoother, None]:
+        return dict.fromkeys(s for m in self.methods if (s := smoother_of(m)) is not None)
 
     @model_validator(mode="after")
     def _one_smoother(self) -> CompressOptions:
@@ -334,7 +378,7 @@ class PlannedGroup:
     name: str
     scheme: QuantizationScheme
     modules: tuple[str, ...]
-    method: str = "rtn"
+    method: str = DEFAULT_QUANTIZER.name
 
 
 @dataclass(frozen=True)
@@ -347,7 +391,7 @@ class PlannedSparsity:
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "magnitude"
+        return pruner_named(self.method).needs_data is not None
 
 
 @dataclass(frozen=True)
@@ -419,34 +463,26 @@ class Plan:
         return source.total_bytes - shrink
 
 
-def default_propagation(methods, kv_cache: bool = False) -> str:
-    """What layers calibrate on when `--propagate` is not given, for groups (and a pruner) of
-    these methods: the original model's outputs for AWQ alone (as AutoAWQ and llm-compressor
-    run it); for SparseGPT and Wanda, the compressed modules' outputs, in one pass
-    ("sequential") where nothing needs the whole layer observed first (smoothing, the KV
-    cache); the compressed layers' otherwise."""
-    methods = set(methods)
-    if methods == {"awq"}:
+def default_propagation(algorithms, kv_cache: bool = False) -> str:
+    """What layers calibrate on when `--propagate` is not given, for a run of these
+    algorithms: the original model's outputs where every one of them prefers it (AWQ alone,
+    as AutoAWQ and llm-compressor run it); the compressed modules' outputs in one pass
+    ("sequential") where one prefers it (SparseGPT, Wanda) and nothing needs the whole layer
+    observed first (smoothing, the KV cache); the compressed layers' otherwise."""
+    algorithms = set(algorithms)
+    if algorithms and all(a.propagation == "original" for a in algorithms):
         return "original"
-    if methods & {"sparsegpt", "wanda"} and sequential_allowed(methods, kv_cache):
+    if any(a.propagation == "sequential" for a in algorithms) and sequential_allowed(
+        algorithms, kv_cache
+    ):
         return "sequential"
     return "compressed"
 
 
-def sequential_allowed(methods, kv_cache: bool) -> bool:
+def sequential_allowed(algorithms, kv_cache: bool) -> bool:
     """Whether a run can compress each module as soon as its inputs are observed: smoothing
     needs the statistics of a whole layer first, and the KV cache those of its attention."""
-    return not kv_cache and not any(smoother_of(m) for m in methods)
-
-
-def solver_of(method: str) -> str:
-    """How a method rounds the weights once smoothed: "gptq" or "rtn"."""
-    return "gptq" if method.endswith("gptq") else "rtn"
-
-
-def smoother_of(method: str) -> str | None:
-    """The smoothing a method applies first: "awq", "smoothquant" or None."""
-    return method.split("+")[0] if method.startswith(("awq", "smooth")) else None
+    return not kv_cache and not any(a.whole_layer for a in algorithms)
 
 
 def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
@@ -462,9 +498,14 @@ def build_plan(source: ModelSource, options: CompressOptions) -> Plan:
     _check_fused_alike(groups, fused)
     for group in groups:
         _check_divisible(group.scheme, group.modules, linears)
-        if solver_of(group.method) == "gptq":
-            _gptq_actorder(group.scheme, options.actorder)
-        _check_smoothing(group.scheme, group.method, options)
+        label = (
+            options.label
+            if not options.groups
+            else f"the group of {', '.join(group.scheme.targets)}"
+        )
+        for algorithm in parse_method(group.method).algorithms:
+            algorithm.check(group.scheme, options, label, group.method)
+        _check_clipping(group.scheme, group.method, options, label)
     kv_cache = None
     if options.kv_cache is not None:
         kv_cache = kv_cache_args(options.kv_cache)
@@ -645,69 +686,17 @@ def _check_divisible(
         )
 
 
-def _check_smoothing(scheme: QuantizationScheme, method: str, options: CompressOptions) -> None:
-    """AWQ protects weights whose activations are large: weight-only schemes. SmoothQuant
-    eases activation quantization: schemes that quantize activations."""
-    weight_only = scheme.input_activations is None
-    smoother = smoother_of(method)
-    label = options.label if not options.groups else f"the group of {', '.join(scheme.targets)}"
-    if smoother == "awq" and not weight_only:
-        raise LlmpressError(
-            f"--method awq is for weight-only schemes (W4A16, W4A16_ASYM, NVFP4A16...); "
-            f"{label} quantizes activations: use --method smoothquant+gptq"
-        )
-    clippable = scheme.weights.type == "int" and scheme.weights.strategy in (
-        QuantizationStrategy.GROUP,
-        QuantizationStrategy.CHANNEL,
-    )
-    if options.awq_clip and (options.smoother != "awq" or (smoother == "awq" and not clippable)):
+def _check_clipping(scheme: QuantizationScheme, method: str, options, label: str) -> None:
+    """--awq-clip needs a smoother that clips (AWQ), and its groups' schemes clippable."""
+    if not options.awq_clip:
+        return
+    smoother, run = smoother_of(method), options.smoother
+    if run is None or not run.clips or (smoother is run and not smoother.clippable(scheme)):
         raise LlmpressError(
             "--awq-clip searches int weight groups' ranges after AWQ: use it with --method awq "
             f"and an int scheme in groups or channels (W4A16, W8A16...), not {label} "
             f"by {method}"
         )
-    if smoother == "smoothquant" and weight_only:
-        raise LlmpressError(
-            f"--method {method} eases activation quantization; {label} "
-            "keeps activations unquantized: use --method awq or gptq"
-        )
-
-
-def _gptq_actorder(scheme: QuantizationScheme, actorder: str) -> None:
-    """Record GPTQ's activation order in the scheme, as readers expect it; group order needs
-    int groups (readers reorder columns by `weight_g_idx`)."""
-    args = scheme.weights
-    if actorder in ("group", "dynamic"):
-        if args.strategy != QuantizationStrategy.GROUP or args.type != "int":
-            raise LlmpressError(
-                f"--actorder {actorder} needs int weights in groups (W4A16, W8A16...); "
-                f"{args.type} {args.strategy} weights take --actorder static or none"
-            )
-        if (refusal := _group_actorder_refusal()) is not None:
-            raise LlmpressError(
-                f"--actorder {actorder}: compressed-tensors {compressed_tensors.__version__} "
-                f"no longer reads group activation order ({refusal}), nor does vLLM; "
-                "use --actorder static (the default), which orders columns at no run-time cost"
-            )
-        args.actorder = ActivationOrdering.GROUP
-        log.warning(
-            "--actorder %s stores weight_g_idx: transformers reads it with compressed-tensors "
-            "< 0.19, vLLM 0.32 refuses it (group activation ordering is no longer supported "
-            "there); serve --actorder static",
-            actorder,
-        )
-    elif actorder != "none" and args.strategy == QuantizationStrategy.GROUP:
-        args.actorder = ActivationOrdering.STATIC
-
-
-def _group_actorder_refusal() -> str | None:
-    """The installed compressed-tensors' own error for `actorder="group"` (0.19 removed it),
-    or None where it still reads it."""
-    try:
-        QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder="group")
-    except ValidationError as error:
-        return str(error.errors()[0]["msg"]).removeprefix("Value error, ")
-    return None
 
 
 def _generic(name: str) -> str:

@@ -23,8 +23,9 @@ import yaml
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from pydantic import ValidationError
 
+from llmpress.algorithms import DEFAULT_QUANTIZER, Role, by_modifier, by_role
+from llmpress.algorithms.kvcache import kv_cache_args
 from llmpress.errors import LlmpressError
-from llmpress.kvcache import kv_cache_args
 from llmpress.schemes import build_scheme, scheme_names
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ MODIFIER_KEYS: dict[str, dict[str, str | None]] = {
         "llmpress_clip": "awq_clip",
         "mappings": None,
         "ignore": None,  # the quantization modifier's ignore rules; sites onto ignored
-        "targets": None,  # modules are skipped (llmpress.smoothing)
+        "targets": None,  # modules are skipped (llmpress.algorithms.smoothing)
         "scheme": None,
         "config_groups": None,
         "offload_device": None,
@@ -105,11 +106,7 @@ MODIFIER_KEYS.update(
         "apply_globally": None,  # refused below when true
     },
 )
-PRUNER_OF = {
-    "SparseGPTModifier": "sparsegpt",
-    "WandaPruningModifier": "wanda",
-    "MagnitudePruningModifier": "magnitude",
-}
+PRUNER_OF = {a.modifier: a.name for a in by_role(Role.PRUNE)}
 # Accepted for llm-compressor's recipes, with no effect here: llmpress infers the smoothing
 # mappings from the model, always runs decoder layers in sequence, and keeps its tensors where
 # `--device` puts them.
@@ -125,8 +122,8 @@ UNSUPPORTED = {
     "preserve_sparsity_mask": "llmpress prunes dense models; an existing mask is not kept",
     "apply_globally": "global magnitude pruning is not supported (llm-compressor neither)",
 }
-SPARSITY_MODIFIERS = ("SparseGPTModifier", "WandaPruningModifier", "MagnitudePruningModifier")
-QUANTIZERS = ("QuantizationModifier", "GPTQModifier")
+SPARSITY_MODIFIERS = tuple(PRUNER_OF)
+QUANTIZERS = tuple(dict.fromkeys(a.modifier for a in by_role(Role.QUANTIZE)))
 
 
 def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
@@ -195,7 +192,7 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
             return fields
     own = _scheme_fields("AWQModifier", awq) if awq_own else None
     if not quantizers:  # an AWQModifier with its own scheme quantizes (round to nearest)
-        return _with_scheme(fields, own) | {"method": "awq"}
+        return _with_scheme(fields, own) | {"method": _named("AWQModifier")}
     name, where, args = quantizers[0]
     scheme = _scheme_fields(where, args)
     fields = _with_scheme(fields, scheme)
@@ -206,8 +203,8 @@ def read_recipe(recipe: str | os.PathLike | dict) -> dict[str, Any]:
     if own is not None and own != scheme:
         # Several algorithms: AWQ then round to nearest on its groups, the quantization
         # modifier's method on the others (a module takes its most specific target's group).
-        solver = "gptq" if name == "GPTQModifier" else "rtn"
-        groups = [{**g, "method": "awq"} for g in _groups(own)]
+        solver = by_modifier(name, Role.QUANTIZE).name
+        groups = [{**g, "method": _named("AWQModifier")} for g in _groups(own)]
         groups += [{**g, "method": solver} for g in _groups(scheme)]
         for key in ("scheme", "targets", "group_size"):
             fields.pop(key, None)
@@ -315,17 +312,26 @@ def _modifiers(data: dict) -> list[tuple[str, str, dict]]:
     return found
 
 
+def _named(modifier: str) -> str:
+    """The name of the transform `modifier` stands for (AWQModifier: awq)."""
+    return by_modifier(modifier, Role.TRANSFORM).name
+
+
 def _method(names: list[str]) -> str:
-    solver = "gptq" if "GPTQModifier" in names else "rtn"
-    if "AWQModifier" in names:
-        if solver == "gptq":
-            raise LlmpressError("AWQModifier is followed by round to nearest: with a "
-                                "GPTQModifier, give the AWQModifier its own scheme and targets "
-                                "(several algorithms in one run)")  # fmt: skip
-        return "awq"
-    if "SmoothQuantModifier" in names:
-        return "smoothquant+gptq" if solver == "gptq" else "smoothquant"
-    return solver
+    """The method of a recipe's modifiers: its smoother, then its quantizer (the last
+    quantization modifier that solves, else round to nearest)."""
+    quantizers = [q for n in names if (q := by_modifier(n, Role.QUANTIZE)) is not None]
+    solver = next((q for q in quantizers if q.solves), DEFAULT_QUANTIZER)
+    smoother = next((s for n in names if (s := by_modifier(n, Role.TRANSFORM)) is not None), None)
+    if smoother is not None and smoother.quantizes_smoothed:
+        if solver.solves:
+            raise LlmpressError(f"{smoother.modifier} is followed by round to nearest: with a "
+                                f"{solver.modifier}, give the {smoother.modifier} its own "
+                                "scheme and targets (several algorithms in one run)")  # fmt: skip
+        return smoother.name
+    if smoother is not None:
+        return f"{smoother.name}+{solver.name}" if solver.solves else smoother.name
+    return solver.name
 
 
 def _scheme_fields(where: str, args: dict) -> dict[str, Any]:

@@ -1,7 +1,6 @@
-"""Pruning: which weights become zero, by magnitude (|W|), by Wanda (|W| times the norm of its
-input channel; Sun et al., 2023, arXiv:2306.11695) or, inside the column solve of
-`llmpress.gptq`, by SparseGPT (Frantar & Alistarh, 2023, arXiv:2301.00774); and how to check
-a stored weight against its structure.
+"""Sparsity structures, shared by the pruners (llmpress.algorithms: magnitude, wanda, sparsegpt):
+which weights a mask may prune, the exact-count selections masks are built from, and how to
+check a stored weight against its structure.
 
 Structures follow llm-compressor's `mask_structure`: "unstructured", or "N:M": N weights of
 every M consecutive ones of a row (along the input) are zero, as the sparse tensor cores of
@@ -17,8 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.errors import LlmpressError
-
-PRUNERS = ("sparsegpt", "wanda", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -81,25 +78,6 @@ def lowest_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(blocks, dtype=torch.bool)
     mask.scatter_(2, torch.topk(blocks, n, dim=2, largest=False, sorted=False).indices, True)
     return mask.reshape(rows, columns)
-
-
-def magnitude_mask(weight: torch.Tensor, sparsity: float, structure: Structure) -> torch.Tensor:
-    """The smallest weights by |W|: `sparsity` of the whole tensor, or N of every M."""
-    scores = weight.abs().float()
-    if structure.structured:
-        return lowest_n_of_m(scores, structure.n, structure.m)
-    return lowest(scores, int(weight.numel() * sparsity))
-
-
-def wanda_mask(
-    weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float, structure: Structure
-) -> torch.Tensor:
-    """Wanda's mask: the lowest |W_ij| * ||x_j||, `sparsity` of each output row (the paper's
-    per-output comparison group), or N of every M."""
-    scores = weight.abs().float() * input_norms.to(weight.device, torch.float32).reshape(1, -1)
-    if structure.structured:
-        return lowest_n_of_m(scores, structure.n, structure.m)
-    return lowest_per_row(scores, int(weight.shape[1] * sparsity))
 
 
 def zero_fraction(weight: torch.Tensor) -> float:

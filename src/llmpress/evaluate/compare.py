@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from llmpress.algorithms import DEFAULT_QUANTIZER
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import (
     SERVING_OUTPUT_TOKENS,
@@ -40,7 +41,7 @@ from llmpress.evaluate.texts import load_text
 from llmpress.evaluate.windows import token_windows
 from llmpress.schemes import CALIBRATED, DESCRIPTIONS, preset_args
 
-ALGORITHMS = ("rtn",)  # GPTQ, AWQ... join as they land
+ALGORITHMS = (DEFAULT_QUANTIZER.name,)  # GPTQ, AWQ... join as they land
 SERVING_FIGURES = (
     "TTFT is the median time of one request alone with one output token; TPOT the median of "
     "(time of one request alone with all its output tokens - its TTFT) / (tokens - 1); "
@@ -52,11 +53,15 @@ SERVING_FIGURES = (
 @dataclass(frozen=True)
 class Variant:
     scheme: str
-    algorithm: str = "rtn"
+    algorithm: str = DEFAULT_QUANTIZER.name
 
     @property
     def label(self) -> str:
-        return self.scheme if self.algorithm == "rtn" else f"{self.scheme}:{self.algorithm}"
+        return (
+            self.scheme
+            if self.algorithm == DEFAULT_QUANTIZER.name
+            else f"{self.scheme}:{self.algorithm}"
+        )
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -66,7 +71,7 @@ def parse_variants(text: str) -> list[Variant]:
         if not item:
             continue
         scheme, _, algorithm = item.partition(":")
-        scheme, algorithm = scheme.upper(), (algorithm or "rtn").lower()
+        scheme, algorithm = scheme.upper(), (algorithm or DEFAULT_QUANTIZER.name).lower()
         if scheme not in DESCRIPTIONS:
             raise LlmpressError(
                 f"unknown scheme {scheme!r} in --schemes; choose from {', '.join(DESCRIPTIONS)}"

@@ -2,7 +2,7 @@
 arXiv:2306.00978).
 
 Channels that carry large activations matter most; scaling them up in the weight (and down
-in whatever produces the activation, llmpress.smoothing) gives them finer quantization steps.
+in whatever produces the activation, llmpress.algorithms.smoothing) gives them finer quantization steps.
 For each smoothing site a grid of exponents r in [0, 1) is tried,
 
     s = mean|x|^r / (mean|ŵ|^(1-r) + 1e-4)      (duo scaling; mean|x|^r without it)
@@ -23,11 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+)
 
-from llmpress.gptq import output_error, rtn_dequantized
+from llmpress.algorithms.base import Need, Smoother
+from llmpress.algorithms.gptq import output_error, rtn_dequantized
+from llmpress.algorithms.smoothing import Mapping
+from llmpress.errors import LlmpressError
 from llmpress.observers import global_scale
-from llmpress.smoothing import Mapping
 
 
 @dataclass
@@ -161,3 +167,59 @@ def clip_search(
     if total >= before:
         return ClipResult(weight, 1.0, before, before)
     return ClipResult(best.reshape(rows, columns), float(shrink.mean()), before, total)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _AWQ(Smoother):
+    def recipe_args(self, options, args: dict | None = None) -> dict:
+        out = dict(args or {}) | {"duo_scaling": options.duo_scaling, "n_grid": options.awq_grid}
+        if options.awq_clip:  # llmpress' own option: llm-compressor 0.14 has no clipping
+            out["llmpress_clip"] = True
+        return out
+
+    def check(
+        self, scheme: QuantizationScheme | None, options, label: str = "", method: str = ""
+    ) -> None:
+        """AWQ protects weights whose activations are large: weight-only schemes."""
+        if scheme is not None and scheme.input_activations is not None:
+            raise LlmpressError(
+                f"--method awq is for weight-only schemes (W4A16, W4A16_ASYM, NVFP4A16...); "
+                f"{label} quantizes activations: use --method smoothquant+gptq"
+            )
+
+    def clippable(self, scheme: QuantizationScheme) -> bool:
+        """The clipping search works on int weights in groups or channels."""
+        return scheme.weights.type == "int" and scheme.weights.strategy in (
+            QuantizationStrategy.GROUP,
+            QuantizationStrategy.CHANNEL,
+        )
+
+    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, options):  # noqa: ANN001, ANN201
+        result = search_scale(
+            mapping,
+            balance,
+            hessian(),
+            stats.abs_mean(),
+            args,
+            observer,
+            dtype,
+            options.duo_scaling,
+            options.grid,
+        )
+        entry = {"ratio": result.ratio, "loss_rtn": result.loss_rtn, "loss": result.loss}
+        return result.scale, entry
+
+
+AWQ = _AWQ(
+    name="awq",
+    modifier="AWQModifier",
+    needs=Need.HESSIAN | Need.CHANNELS,
+    summary="activation-aware scales searched against the rounding error (weight-only schemes)",
+    needs_data="AWQ searches its scales on the layers' inputs",
+    propagation="original",
+    manifest="smoothing",
+    options=("duo_scaling", "awq_grid", "awq_clip"),
+    every_mapping=True,
+    quantizes_smoothed=True,
+    clips=True,
+)

@@ -23,14 +23,24 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import compressed_tensors
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+from compressed_tensors.quantization import (
+    ActivationOrdering,
+    QuantizationArgs,
+    QuantizationScheme,
+    QuantizationStrategy,
+)
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_range
+from pydantic import ValidationError
 
+from llmpress.algorithms.base import Need, Quantizer
+from llmpress.algorithms.magnitude import magnitude_mask
+from llmpress.algorithms.sparsegpt import Pruning, block_mask
 from llmpress.errors import LlmpressError
 from llmpress.observers import weight_qparams
-from llmpress.sparsity import Structure, lowest, lowest_n_of_m, magnitude_mask
+from llmpress.sparsity import lowest_n_of_m
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +81,6 @@ def _bf16_products(enabled: bool) -> Iterator[None]:
         yield
     finally:
         setting.fp32_precision = before
-
-
-@dataclass(frozen=True)
-class Pruning:
-    """What a solve prunes (SparseGPT): as each block of columns is reached, the weights of
-    lowest w² / [H⁻¹]ⱼⱼ² (the error their removal causes) among the block's weights as updated
-    so far: `sparsity` of each row slice's share (`rows`: stacked modules, each its own
-    budget), or N of every M columns of each row, chosen as the solve reaches them. `fixed`:
-    a mask chosen beforehand instead (Wanda's, magnitude's; True where pruned), whose
-    removals the solve compensates as SparseGPT's."""
-
-    structure: Structure
-    sparsity: float
-    rows: tuple[slice, ...] = ()
-    fixed: torch.Tensor | None = None
-
-    def slices(self, rows: int) -> tuple[slice, ...]:
-        return self.rows or (slice(0, rows),)
 
 
 class Hessian:
@@ -316,7 +308,7 @@ def gptq_quantize(
         if fixed is not None:
             mask1 = fixed[b0:b1]
         elif prune is not None:
-            mask1 = _block_mask(w1, u1, prune) if not prune.structure.structured else None
+            mask1 = block_mask(w1, u1, prune) if not prune.structure.structured else None
             if mask1 is None:
                 mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(b1 - b0):
@@ -398,17 +390,6 @@ def _baseline_error(original, hessian, args, prune, observer, global_scale, scal
     return output_error(original - baseline, hessian)
 
 
-def _block_mask(w1: torch.Tensor, u1: torch.Tensor, prune: Pruning) -> torch.Tensor:
-    """SparseGPT's unstructured mask of one block of columns (transposed: [columns, rows]):
-    in each row slice, the `sparsity` share of lowest w² / [H⁻¹]ⱼⱼ²."""
-    scores = w1**2 / u1.diagonal().reshape(-1, 1) ** 2
-    mask = torch.zeros_like(w1, dtype=torch.bool)
-    for rows in prune.slices(w1.shape[1]):
-        part = scores[:, rows]
-        mask[:, rows] = lowest(part, int(part.numel() * prune.sparsity))
-    return mask
-
-
 def _column_quantizer(args: QuantizationArgs, global_scale: torch.Tensor | None):
     """Quantize-dequantize of one column [rows] with per-row scale and zero point [rows], and
     how to flatten a column's parameters for it. Int and fp8 weights take a direct path with
@@ -466,3 +447,69 @@ def rtn_dequantized(weight, args, observer, global_scale, scale_dtype) -> torch.
     return fake_quantize(weight, scale, zero_point, no_order, global_scale=global_scale).to(
         torch.float32
     )
+
+
+def _check_actorder(scheme: QuantizationScheme, actorder: str) -> None:
+    """Record GPTQ's activation order in the scheme, as readers expect it; group order needs
+    int groups (readers reorder columns by `weight_g_idx`)."""
+    args = scheme.weights
+    if actorder in ("group", "dynamic"):
+        if args.strategy != QuantizationStrategy.GROUP or args.type != "int":
+            raise LlmpressError(
+                f"--actorder {actorder} needs int weights in groups (W4A16, W8A16...); "
+                f"{args.type} {args.strategy} weights take --actorder static or none"
+            )
+        if (refusal := group_actorder_refusal()) is not None:
+            raise LlmpressError(
+                f"--actorder {actorder}: compressed-tensors {compressed_tensors.__version__} "
+                f"no longer reads group activation order ({refusal}), nor does vLLM; "
+                "use --actorder static (the default), which orders columns at no run-time cost"
+            )
+        args.actorder = ActivationOrdering.GROUP
+        log.warning(
+            "--actorder %s stores weight_g_idx: transformers reads it with compressed-tensors "
+            "< 0.19, vLLM 0.32 refuses it (group activation ordering is no longer supported "
+            "there); serve --actorder static",
+            actorder,
+        )
+    elif actorder != "none" and args.strategy == QuantizationStrategy.GROUP:
+        args.actorder = ActivationOrdering.STATIC
+
+
+def group_actorder_refusal() -> str | None:
+    """The installed compressed-tensors' own error for `actorder="group"` (0.19 removed it),
+    or None where it still reads it."""
+    try:
+        QuantizationArgs(num_bits=4, strategy="group", group_size=32, actorder="group")
+    except ValidationError as error:
+        return str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GPTQ(Quantizer):
+    def recipe_args(self, options, args: dict | None = None) -> dict:
+        return dict(args or {}) | {
+            "block_size": options.block_size,
+            "dampening_frac": options.dampening_frac,
+            "actorder": None if options.actorder == "none" else options.actorder,
+            "offload_hessians": options.offload_hessians,
+        }
+
+    def check(
+        self, scheme: QuantizationScheme | None, options, label: str = "", method: str = ""
+    ) -> None:
+        if scheme is not None:
+            _check_actorder(scheme, options.actorder)
+
+
+GPTQ = _GPTQ(
+    name="gptq",
+    modifier="GPTQModifier",
+    needs=Need.HESSIAN,
+    summary="error feedback through the inputs' Hessian, column by column (needs --dataset)",
+    needs_data="GPTQ solves the weights on the layers' inputs",
+    manifest="gptq",
+    options=("block_size", "dampening_frac", "actorder", "offload_hessians"),
+    solves=True,
+)

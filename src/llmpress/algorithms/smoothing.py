@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmpress.algorithms.base import Smoother
+
 # Linear -> Linear pairs inside one parent: (smooth, balance, which rows of smooth).
 # Rows "all" or, for fused projections, the part that feeds the balance layer.
 _LINEAR_PAIRS = (("v_proj", "o_proj"), ("up_proj", "down_proj"))
@@ -42,19 +44,20 @@ _CHECK_TOLERANCE_16BIT = 5e-2
 
 @dataclass(frozen=True)
 class SmoothingOptions:
-    """`method`: "awq" (scales searched against the weights' quantization error, every
-    mapping) or "smoothquant" (scales from activation and weight ranges, the norm mappings,
-    as in the paper); `strength`: SmoothQuant's α; `duo_scaling`, `grid`: AWQ's search;
-    `clip`: AWQ's clipping search after the scales (llmpress.awq.clip_search)."""
+    """`method`: the smoother (llmpress.algorithms: AWQ searches scales against the weights'
+    quantization error on every mapping, SmoothQuant takes them from activation and weight
+    ranges on the norm mappings, as in the paper); `strength`: SmoothQuant's α;
+    `duo_scaling`, `grid`: AWQ's search; `clip`: AWQ's clipping search after the scales
+    (llmpress.algorithms.awq.clip_search)."""
 
-    method: str
+    method: Smoother
     strength: float = 0.5
     duo_scaling: bool = True
     grid: int = 20
     clip: bool = False  # AWQ: search each group's clipping range too
 
     def wants(self, mapping: Mapping) -> bool:
-        return self.method == "awq" or mapping.norm
+        return self.method.wants(mapping)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from llmpress.algorithms.base import Algorithm, Need, Role
 from llmpress.errors import LlmpressError
 
 # `--kv-cache` values, by compressed-tensors' kv_cache_scheme strategy.
@@ -173,3 +174,14 @@ class KVCacheCalibration:
             return on_write
 
         return [_route_cache_writes(m, quantizer(scales[n])) for n, m in attentions.items()]
+
+
+KV_CACHE = Algorithm(
+    name="kv-cache",
+    role=Role.CACHE,
+    modifier="QuantizationModifier",  # its kv_cache_scheme
+    needs=Need.LAYER_IO,
+    summary="fp8 k/v scales of every attention, from what it caches (--kv-cache fp8|fp8-head)",
+    needs_data="--kv-cache quantizes keys and values with static scales",
+    options=("kv_cache",),
+)

@@ -1,0 +1,116 @@
+"""Algorithms are peers behind one interface (llmpress.algorithms): the registry, the `--method`
+parser, and the worked example of docs/architecture.md kept true: an algorithm declared and
+registered here, in this file alone, runs through the CLI."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from llmpress.algorithms import (
+    ALGORITHMS,
+    Need,
+    Role,
+    method_choices,
+    parse_method,
+    register,
+)
+from llmpress.algorithms.base import Pruner
+from llmpress.cli import main
+from llmpress.errors import LlmpressError
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "llmpress"
+
+
+# The worked example: one declaration and one registry line.
+@dataclass(frozen=True, kw_only=True)
+class LastColumns(Pruner):
+    """Prunes the last `sparsity` share of every weight's input columns."""
+
+    def mask(self, weight, input_norms, sparsity, structure):  # noqa: ANN001, ANN201
+        mask = torch.zeros_like(weight, dtype=torch.bool)
+        mask[:, weight.shape[1] - int(weight.shape[1] * sparsity) :] = True
+        return mask
+
+
+LAST_COLUMNS = LastColumns(
+    name="last-columns",
+    modifier="LastColumnsPruningModifier",
+    needs=Need.NOTHING,
+    summary="prune the last input columns (a test's algorithm)",
+    options=("sparsity",),
+)
+
+
+@pytest.fixture(scope="module")
+def last_columns():
+    register(LAST_COLUMNS)
+    yield LAST_COLUMNS
+    del ALGORITHMS[LAST_COLUMNS.name]
+
+
+def test_an_algorithm_registered_in_one_file_runs_through_the_cli(
+    last_columns, tiny_llama, tmp_path
+):
+    out = tmp_path / "pruned"
+    done = CliRunner().invoke(
+        main,
+        ["compress", str(tiny_llama), "-o", str(out), "--method", "last-columns",
+         "--sparsity", "0.25", "--quiet"],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    source, written = load_file(tiny_llama / "model.safetensors"), {}
+    for shard in out.glob("*.safetensors"):
+        written |= load_file(shard)
+    pruned = [k for k in written if ".layers." in k and k.endswith("proj.weight")]
+    assert len(pruned) == 2 * 7  # every Linear of both decoder layers
+    for key in pruned:
+        cut = source[key].shape[1] * 3 // 4
+        assert torch.equal(written[key][:, :cut], source[key][:, :cut])
+        assert not written[key][:, cut:].any()
+    assert torch.equal(written["lm_head.weight"], source["lm_head.weight"])  # ignored
+    assert "LastColumnsPruningModifier" in (out / "recipe.yaml").read_text()
+
+
+def test_every_algorithm_declares_a_role_a_modifier_and_what_it_needs():
+    for name, algorithm in ALGORITHMS.items():
+        assert algorithm.name == name and "+" not in name
+        assert isinstance(algorithm.role, Role) and isinstance(algorithm.needs, Need)
+        assert algorithm.modifier.endswith("Modifier")
+        # What needs observed inputs needs calibration text, and says why.
+        assert (algorithm.needs == Need.NOTHING) == (algorithm.needs_data is None), name
+
+
+def test_methods_join_in_role_order_and_unknown_names_list_the_known():
+    method = parse_method("sparsegpt+gptq")
+    assert [a.name for a in method.algorithms] == ["sparsegpt", "gptq"]
+    assert method.quantizing == "gptq" and parse_method("wanda").rounding.name == "rtn"
+    with pytest.raises(LlmpressError, match="in that order"):
+        parse_method("gptq+smoothquant")
+    with pytest.raises(LlmpressError, match="rounds the weights it smooths itself"):
+        parse_method("awq+gptq")
+    with pytest.raises(LlmpressError, match="unknown method 'gtpq'.*known: rtn, gptq"):
+        parse_method("gtpq")
+    assert {"rtn", "gptq", "awq", "smoothquant+gptq", "wanda+gptq"} <= set(method_choices())
+
+
+def test_no_algorithm_name_is_compared_outside_the_registry():
+    """Adding an algorithm must not mean editing the loop, the planner or the writer."""
+    names = "|".join(re.escape(n) for n in ALGORITHMS)
+    compared = re.compile(
+        rf"""[=!]=\s*["']({names})["']|["']({names})["']\s*[=!]=|in \(["']({names})["']"""
+    )
+    found = [
+        f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+        for path in SRC.rglob("*.py")
+        if "algorithms" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if compared.search(line)
+    ]
+    assert not found, found

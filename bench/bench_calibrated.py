@@ -533,8 +533,8 @@ def scale_tensors(out: Path) -> dict[str, dict[str, float]]:
 
 
 def static_inputs(scheme: str) -> bool:
-    from llmpress.calibrate import needs_calibration
     from llmpress.schemes import build_scheme
+    from llmpress.stages import needs_calibration
 
     return needs_calibration(build_scheme(scheme, ["Linear"]))
 

@@ -16,9 +16,9 @@ from benchlib import SMOLLM2
 from compressed_tensors.quantization import QuantizationArgs
 from transformers import AutoTokenizer
 
-from llmpress.calibrate import quantize_static
 from llmpress.data import calibration_set
 from llmpress.runner import LayerRunner
+from llmpress.served import quantize_static
 from llmpress.source import ModelSource
 
 FP8_INPUTS = QuantizationArgs(

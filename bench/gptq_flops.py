@@ -22,7 +22,7 @@ import torch
 from benchlib import SMOLLM2
 
 import llmpress.algorithms.gptq as gptq
-import llmpress.calibrate as calibrate
+import llmpress.calibrated_layers as calibrate
 from llmpress import compress
 
 

@@ -21,7 +21,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from llmpress.evaluate.texts import load_text
+from llmpress.corpora import load_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Under pytest-xdist the cores are shared among the workers: torch's threads too.

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from llmpress.calibrate import compute_dtype
+from llmpress.stages import compute_dtype
 
 # What calibration computes a bf16 checkpoint in on this CPU (bf16 where it has bf16 units,
 # else float32): references computed in it must give the stored scales exactly.
@@ -114,7 +114,7 @@ def bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     Special tokens `<unk>`, `<s>` (BOS), `</s>` (EOS) get ids 0, 1, 2, as in the tiny configs."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from llmpress.evaluate.texts import load_text
+    from llmpress.corpora import load_text
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()

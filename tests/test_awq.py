@@ -18,11 +18,11 @@ from transformers import AutoTokenizer
 
 from llmpress import compress
 from llmpress.algorithms.awq import clip_search, search_scale
-from llmpress.algorithms.gptq import rtn_dequantized
+from llmpress.algorithms.columns import rtn_dequantized
 from llmpress.algorithms.smoothing import Mapping
 from llmpress.cli import main as cli
+from llmpress.corpora import load_text
 from llmpress.errors import LlmpressError
-from llmpress.evaluate.texts import load_text
 from llmpress.schemes import build_scheme
 
 TINY_CALIBRATION = dict(num_samples=3, seq_len=32, seed=0)

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
 from llmpress import compress
+from llmpress.corpora import load_text
 from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
-from llmpress.evaluate.texts import load_text
 
 CALIBRATION = dict(num_samples=3, seq_len=32, seed=0)  # small: 2 shared cores
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max

@@ -65,7 +65,8 @@ def test_inspect_rejects_a_plain_model(tiny_llama):
 
 def test_dry_run_prints_the_plan_writes_nothing_and_estimates_close(tiny_llama, tmp_path):
     from llmpress import compress
-    from llmpress.api import compress_options, dry_run
+    from llmpress.api import compress_options
+    from llmpress.estimate import dry_run
 
     out = tmp_path / "never"
     proc = llmpress("compress", tiny_llama, "-o", out, "--scheme", "W4A16", "--dry-run")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from llmpress.corpora import load_text
 from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
-from llmpress.evaluate.texts import load_text
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from helpers import bpe_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmpress.corpora import load_text, pydoc_split
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint
-from llmpress.evaluate.texts import load_text, pydoc_split
 from llmpress.evaluate.windows import token_windows
 
 SEQ, WINDOWS = 96, 3  # small: each test scores a few hundred tokens on 2 cores

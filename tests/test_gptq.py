@@ -24,7 +24,8 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress import compress
-from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
+from llmpress.algorithms.columns import output_error
+from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize
 from llmpress.cli import main as cli
 from llmpress.errors import LlmpressError
 from llmpress.schemes import build_scheme
@@ -86,7 +87,7 @@ def test_gptq_lowers_each_modules_output_error_on_real_weights(smollm2, smollm2_
 
 def test_gptq_checkpoint_is_closer_to_the_base_than_rtn(smollm2, smollm2_w4):
     gptq, rtn = smollm2_w4
-    from llmpress.evaluate.texts import load_text
+    from llmpress.corpora import load_text
 
     text = load_text("pydoc")[-20_000:]  # held out from the calibration text
     ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt").input_ids[:, :256]

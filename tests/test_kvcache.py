@@ -25,11 +25,11 @@ from llmpress.algorithms.kvcache import (
     kv_cache_args,
 )
 from llmpress.cli import main, run
+from llmpress.corpora import load_text
 from llmpress.data import calibration_set
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import evaluate_checkpoint, format_report
 from llmpress.evaluate.loading import kv_cache_not_applied
-from llmpress.evaluate.texts import load_text
 from llmpress.runner import LayerRunner
 from llmpress.source import ModelSource
 

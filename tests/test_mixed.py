@@ -185,7 +185,7 @@ def state_shape(state: dict) -> tuple[int, ...]:
 
 
 def test_the_manifest_and_inspect_name_each_group(int8_down):
-    from llmpress.checkpoint import summarize
+    from llmpress.inspect import summarize
 
     mixed, _ = int8_down
     options = json.loads((mixed / "llmpress.json").read_text())["options"]

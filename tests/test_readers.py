@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from llmpress import compress
-from llmpress.checkpoint import check_reader
 from llmpress.errors import LlmpressError
+from llmpress.inspect import check_reader
 from llmpress.schemes import data_free_scheme_names as scheme_names
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from llmpress.api import compress_options, dry_run, sequential_bytes
-from llmpress.calibrate import stages_of
+from llmpress.api import compress_options
 from llmpress.errors import LlmpressError
+from llmpress.estimate import dry_run, sequential_bytes
 from llmpress.plan import build_plan
 from llmpress.sequential import Sequencer
 from llmpress.source import ModelSource
+from llmpress.stages import stages_of
 
 
 class TwoSteps(nn.Module):

@@ -190,7 +190,7 @@ def test_the_structure_holds_after_save_and_reload(name, runs):
 
 def test_compressed_tensors_reads_the_same_sparse_weights_as_transformers(runs):
     checkpoint = runs["sparsegpt+gptq-2:4-W4A16"]
-    from llmpress.calibrate import dequantized_weight
+    from llmpress.served import dequantized_weight
 
     scheme = preset_name_to_scheme("W4A16", ["Linear"])
     scheme.weights.group_size = 64
@@ -541,8 +541,8 @@ def test_pruned_layers_propagate_their_pruned_outputs_by_default(with_tokenizer)
     before it in its layer, in one pass per layer; `--propagate compressed` gives two passes
     (the whole layer observed first), `--propagate original` one pass on the original model's
     activations. Smoothing and the KV cache need the whole layer observed: two passes."""
-    from llmpress.api import dry_run
-    from llmpress.calibrate import stages_of
+    from llmpress.estimate import dry_run
+    from llmpress.stages import stages_of
 
     model = with_tokenizer["llama"]
     for scheme in (None, "FP8_DYNAMIC"):

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import click
 
+from llmpress.cli_options import _size, _table_options, _table_values
 from llmpress.errors import LlmpressError
-
-
-class _MethodChoice(click.Choice):
-    """--method's choices, read from the algorithm registry each time they are needed: an
-    algorithm registered after this module is imported (a plugin's) is offered too."""
-
-    def __init__(self):
-        super().__init__([])
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        from llmpress.algorithms import method_choices
-
-        return tuple(method_choices())
-
-    @choices.setter
-    def choices(self, value) -> None:  # noqa: ANN001 - click's __init__ sets them
-        pass
 
 
 def _print_smoothing(report: dict) -> None:
@@ -45,26 +27,6 @@ def _print_smoothing(report: dict) -> None:
             f"    output error {gain:.3f}x round-to-nearest's over all sites; "
             f"{kept} sites left unscaled (no scale beat rounding)"
         )
-
-
-def _size(text: str) -> int:
-    """'2GB', '500MB', '1GiB' or a byte count."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size such as 2GB or 500MB")
-    number, unit = float(match.group(1)), match.group(2).rstrip("B")
-    scale = {
-        "": 1,
-        "K": 1e3,
-        "M": 1e6,
-        "G": 1e9,
-        "T": 1e12,
-        "KI": 1024,
-        "MI": 1024**2,
-        "GI": 1024**3,
-        "TI": 1024**4,
-    }
-    return int(number * scale[unit])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,153 +47,10 @@ def main() -> None:
     help="An llm-compressor recipe (YAML) instead of --scheme: its quantization modifier "
     "gives the scheme, targets and ignore; GPTQ/AWQ/SmoothQuant modifiers the method.",
 )
-@click.option(
-    "--targets",
-    multiple=True,
-    help="Modules to quantize: name, class or re:regex. Default: Linear.",
-)
-@click.option(
-    "--ignore", multiple=True, help="Modules to leave alone (wins over targets). Default: lm_head."
-)
-@click.option(
-    "--observer", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True
-)
-@click.option(
-    "--group-size", type=int, default=None, help="Override the scheme's weight group size."
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default=None,
-    help="What calibration computes in. auto: a bf16 checkpoint's bf16 on GPUs and on CPUs "
-    "with native bf16 products, float32 on other CPUs.",
-)
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest output shard.")
-@click.option(
-    "--packing",
-    type=click.Choice(["auto", "dense", "padded"]),
-    default="auto",
-    show_default=True,
-    help="3/5/6/7-bit layout: dense for vLLM and compressed-tensors>=0.18, padded for <=0.17; "
-    "auto follows the installed compressed-tensors.",
-)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan and estimates; read and write nothing."
-)
-@click.option(
-    "--dataset",
-    default=None,
-    help="Calibration text for static-activation schemes (FP8) and --kv-cache: "
-    "pydoc-calibration, a .txt/.jsonl/.json/.csv/.parquet file, or a hub dataset owner/name.",
-)
-@click.option("--num-samples", type=int, default=None, help="Calibration samples (default 128).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per sample at most (default 512).")
-@click.option("--seed", type=int, default=None, help="Sample selection seed (default 0).")
-@click.option(
-    "--kv-cache",
-    type=click.Choice(["fp8", "fp8-head"]),
-    default=None,
-    help="Quantize the KV cache to FP8 with scales calibrated on --dataset: fp8 one k/v scale "
-    "per layer, fp8-head one per KV head.",
-)
-@click.option(
-    "--method",
-    type=_MethodChoice(),
-    default=None,
-    help="rtn: round to nearest (default); gptq: solve the weights on --dataset's activations; "
-    "awq: activation-aware scales, then round to nearest (weight-only schemes); smoothquant, "
-    "smoothquant+gptq: migrate activation outliers into the weights first (W8A8, FP8). "
-    "Pruning (--sparsity, --mask), alone or with --scheme (then rounded to nearest; "
-    "+gptq: GPTQ on the same Hessians, zeros kept): sparsegpt (prunes on --dataset's "
-    "Hessians), wanda (by |weight| x input norm), magnitude (by |weight|, no data).",
-)
-@click.option(
-    "--sparsity",
-    default=None,
-    help="Pruning: the fraction of each weight set to zero (default 0.5), or a comma-separated "
-    "list, one per decoder layer. An N:M mask prunes N/M.",
-)
-@click.option(
-    "--mask",
-    default=None,
-    help="Pruning structure: unstructured (default) or N:M, N zeros in every M consecutive "
-    "weights of a row (2:4 for sparse tensor cores).",
-)
-@click.option(
-    "--sparsity-targets",
-    multiple=True,
-    help="Modules to prune, inside decoder layers (default: --targets).",
-)
-@click.option(
-    "--sparsity-ignore",
-    multiple=True,
-    help="Modules not to prune (default: --ignore).",
-)
-@click.option(
-    "--smoothing-strength",
-    type=float,
-    default=None,
-    help="SmoothQuant's alpha: how much of the activations' range moves to the weights "
-    "(default 0.5).",
-)
-@click.option(
-    "--duo-scaling/--no-duo-scaling",
-    default=None,
-    help="AWQ: scales from activation and weight magnitudes (default) or activations only.",
-)
-@click.option(
-    "--awq-grid",
-    type=int,
-    default=None,
-    help="AWQ: exponents tried per smoothing site (default 20; the search costs this many "
-    "roundings and error evaluations of each layer).",
-)
-@click.option(
-    "--awq-clip",
-    is_flag=True,
-    default=None,
-    help="AWQ: also search each weight group's clipping range on the calibration inputs.",
-)
-@click.option("--block-size", type=int, default=None, help="GPTQ columns per block (default 128).")
-@click.option(
-    "--dampening-frac",
-    type=float,
-    default=None,
-    help="GPTQ damping, a fraction of the Hessian's mean diagonal (default 0.01; raised x10 "
-    "on a failed factorization).",
-)
-@click.option(
-    "--actorder",
-    type=click.Choice(["static", "weight", "group", "dynamic", "none"]),
-    default=None,
-    help="GPTQ column order: static (default; by activation size, no runtime cost), group "
-    "(groups in that order, stored as weight_g_idx), or none.",
-)
-@click.option(
-    "--offload-hessians",
-    is_flag=True,
-    default=None,
-    help="Keep GPTQ's Hessians in host memory (with --device cuda).",
-)
-@click.option(
-    "--propagate",
-    type=click.Choice(["compressed", "original", "sequential"]),
-    default=None,
-    help="What each layer calibrates on: the outputs of the compressed layers before it "
-    "(two passes per layer; the default but for AWQ, SparseGPT and Wanda), the original "
-    "model's (one pass, about half the time; AWQ's default), or those of the compressed "
-    "modules before it, in its own layer too (one pass; SparseGPT's and Wanda's default; not "
-    "with smoothing or --kv-cache).",
-)
-@click.option(
-    "--independent",
-    is_flag=True,
-    default=None,
-    help="With several modifiers (AWQ or SmoothQuant, then GPTQ or quantization), calibrate "
-    "each on hidden states of its own, as one run per modifier would (default: one pass).",
 )
 @click.option(
     "--resume",
@@ -243,84 +62,16 @@ def main() -> None:
     default=None,
     help="Calibration activations held in memory (e.g. 2GB); the rest spill to disk.",
 )
-def compress(
-    model,
-    output,
-    scheme,
-    recipe,
-    targets,
-    ignore,
-    observer,
-    group_size,
-    device,
-    compute_dtype,
-    max_shard_size,
-    packing,
-    force,
-    quiet,
-    dry_run,
-    dataset,
-    num_samples,
-    seq_len,
-    seed,
-    resume,
-    max_memory,
-    kv_cache,
-    method,
-    block_size,
-    dampening_frac,
-    actorder,
-    offload_hessians,
-    propagate,
-    independent,
-    smoothing_strength,
-    duo_scaling,
-    awq_grid,
-    awq_clip,
-    sparsity,
-    mask,
-    sparsity_targets,
-    sparsity_ignore,
-):
+@_table_options
+def compress(model, output, scheme, recipe, force, quiet, dry_run, resume, max_memory, **table):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile
 
     with deferred_torch_compile():
         from llmpress.api import compress_options, run
-        from llmpress.api import dry_run as plan_only
+        from llmpress.estimate import dry_run as plan_only
 
-    options = compress_options(
-        scheme,
-        recipe,
-        targets=targets or None,
-        ignore=ignore or None,
-        observer=observer,
-        group_size=group_size,
-        device=device,
-        compute_dtype=compute_dtype,
-        max_shard_size=_size(max_shard_size),
-        packing=packing,
-        dataset=dataset,
-        num_samples=num_samples,
-        seq_len=seq_len,
-        seed=seed,
-        kv_cache=kv_cache,
-        method=method,
-        block_size=block_size,
-        dampening_frac=dampening_frac,
-        actorder=actorder,
-        offload_hessians=offload_hessians or None,
-        propagate=propagate,
-        independent=independent,
-        smoothing_strength=smoothing_strength,
-        duo_scaling=duo_scaling,
-        awq_clip=awq_clip,
-        awq_grid=awq_grid,
-        sparsity=_sparsity(sparsity),
-        mask=mask,
-        sparsity_targets=sparsity_targets or None,
-        sparsity_ignore=sparsity_ignore or None,
-    )
+    options = compress_options(scheme, recipe, **_table_values(table))
     cap = None if max_memory is None else _size(max_memory)
     if dry_run:
         _print_plan(plan_only(model, options, cap), output)
@@ -341,19 +92,6 @@ def compress(
         f"{result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB "
         f"({result.ratio:.2f}x) in {result.seconds:.1f} s"
     )
-
-
-def _sparsity(text: str | None) -> float | list[float] | None:
-    """--sparsity: one fraction, or a comma-separated list of them."""
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: a fraction, or fractions separated by commas"
-        ) from None
-    return values[0] if len(values) == 1 else values
 
 
 def _print_plan(plan: dict, output: Path) -> None:
@@ -413,7 +151,7 @@ def schemes() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(checkpoint: Path, as_json: bool) -> None:
     """Show what a compressed checkpoint holds: groups, formats, bits, size, ratio."""
-    from llmpress.checkpoint import summarize
+    from llmpress.inspect import summarize
 
     info = summarize(checkpoint)
     if as_json:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from llmpress.corpora import BUILTIN, DATASET_FORMATS, pydoc_split
 from llmpress.errors import LlmpressError, first_line
-from llmpress.evaluate.texts import BUILTIN, DATASET_FORMATS, pydoc_split
 
 MIN_SAMPLE_TOKENS = 16  # shorter pieces (a heading, a stray line) carry no useful statistics
 

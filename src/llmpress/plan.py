@@ -1,8 +1,7 @@
 """The plan: which module gets which scheme, checked against the model before any heavy work.
 
-`CompressOptions` is the one configuration object: CLI flags and Python arguments become it
-before anything runs. `build_plan` resolves it against the model's module tree with
-compressed-tensors' matcher (exact name, class name or `re:` regex; ignore wins).
+`build_plan` resolves a run's `CompressOptions` (llmpress.config) against the model's module
+tree with compressed-tensors' matcher (exact name, class name or `re:` regex; ignore wins).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated, Literal
 
 import torch
 from compressed_tensors.quantization import (
@@ -21,354 +19,24 @@ from compressed_tensors.quantization import (
     QuantizationStrategy,
 )
 from compressed_tensors.utils import is_match, match_targets
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from llmpress.algorithms import (
     DEFAULT_QUANTIZER,
-    Algorithm,
-    Quantizer,
-    Smoother,
-    algorithms_of,
     parse_method,
     pruner_named,
-    quantizer_of,
     smoother_of,
 )
 from llmpress.algorithms.kvcache import attention_modules, kv_cache_args
+from llmpress.config import DEFAULT_TARGETS, CompressOptions
 from llmpress.errors import LlmpressError
 from llmpress.experts import routers
-from llmpress.packing import installed_layout
-from llmpress.schemes import build_scheme
 from llmpress.source import ModelSource
 from llmpress.sparsity import Structure, check_columns
-
-DEFAULT_TARGETS = ("Linear",)
-# The output head stays in 16 bits by default, as in llm-compressor's recipes; embeddings are
-# never targeted because the default target is the Linear class.
-DEFAULT_IGNORE = ("lm_head",)
 
 # Modules vLLM fuses into one GEMM: they must share NVFP4's global scale.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 log = logging.getLogger(__name__)
-
-
-def _quantizing_method(value: str) -> str:
-    """A group's or run's method: a transform and/or a quantizer (the pruner is `prune`)."""
-    try:
-        method = parse_method(value)
-    except LlmpressError as error:
-        raise ValueError(str(error)) from None
-    if method.pruner is not None:
-        raise ValueError(f"{value}: {method.pruner.name} prunes; give it as `prune`")
-    return value
-
-
-def _pruning_method(value: str) -> str:
-    try:
-        method = parse_method(value)
-    except LlmpressError as error:
-        raise ValueError(str(error)) from None
-    if method.algorithms != (method.pruner,):
-        raise ValueError(f"{value} is not a pruning method")
-    return value
-
-
-# Algorithm names as the user writes them, checked against the registry (llmpress.algorithms).
-Method = Annotated[str, AfterValidator(_quantizing_method)]
-Pruner = Annotated[str, AfterValidator(_pruning_method)]
-
-
-class SchemeGroup(BaseModel):
-    """One group of a run: a preset (and group size), or compressed-tensors' scheme arguments
-    spelled out (`args`: weights, input_activations, output_activations, format), over its
-    own targets; written as one config group of the checkpoint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scheme: str | None = None
-    args: dict | None = None
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    group_size: int | None = Field(default=None, gt=0)
-    # This group's method, where a run mixes algorithms (None: the run's `method`).
-    method: Method | None = None
-
-    @field_validator("args")
-    @classmethod
-    def _canonical(cls, args: dict | None) -> dict | None:
-        """The arguments as compressed-tensors reads them, without the defaults and the
-        options a run sets (the weight observer, GPTQ's actorder): equal schemes, equal args."""
-        if args is None:
-            return None
-        try:
-            scheme = QuantizationScheme.model_validate({**args, "targets": ["Linear"]})
-        except (ValidationError, NotImplementedError) as exc:
-            raise ValueError(f"invalid scheme arguments: {exc}") from None
-        if scheme.weights is None:
-            raise ValueError("a scheme needs weights")
-        canonical = {}
-        for field in ("weights", "input_activations", "output_activations"):
-            value = getattr(scheme, field)
-            if value is not None:
-                drop = {"observer", "observer_kwargs", "actorder"} if field == "weights" else set()
-                canonical[field] = value.model_dump(
-                    mode="json", exclude_defaults=True, exclude=drop
-                )
-        if scheme.format is not None:
-            canonical["format"] = str(scheme.format)
-        return canonical
-
-    @model_validator(mode="after")
-    def _preset_or_args(self) -> SchemeGroup:
-        if (self.scheme is None) == (self.args is None):
-            raise ValueError("a group takes a preset scheme or spelled-out args, one of the two")
-        if self.args is not None and self.group_size is not None:
-            raise ValueError("spelled-out args give their own group_size")
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.scheme is not None:
-            return self.scheme
-        weights = self.args.get("weights") or {}
-        return f"custom {weights.get('type', 'int')}{weights.get('num_bits', 8)}"
-
-    def build(self, observer: str) -> QuantizationScheme:
-        if self.scheme is not None:
-            scheme = build_scheme(self.scheme, list(self.targets), self.group_size)
-        else:
-            try:
-                scheme = QuantizationScheme.model_validate(
-                    {**self.args, "targets": list(self.targets)}
-                )
-            except (ValidationError, NotImplementedError) as exc:
-                raise LlmpressError(f"a custom scheme's arguments are invalid: {exc}") from None
-        scheme.weights.observer = observer
-        return scheme
-
-
-class CompressOptions(BaseModel):
-    """Everything a compression run needs to know, validated when built."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scheme: str | None = None
-    # Mixed precision: several presets, each over its targets (in place of scheme, targets and
-    # group_size). A module several groups target takes the most specific target's group, as
-    # compressed-tensors and vLLM decide: an exact name, then a regex, then a class name.
-    groups: tuple[SchemeGroup, ...] = ()
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    ignore: tuple[str, ...] = DEFAULT_IGNORE
-    observer: Literal["minmax", "mse"] = "minmax"
-    group_size: int | None = Field(default=None, gt=0)
-    device: str = "cpu"
-    # What calibration computes in: "auto" is the checkpoint's bfloat16 on GPUs and on CPUs
-    # with native bf16 products (AVX512-BF16, AMX), float32 on other CPUs (and for float16 or
-    # float32 checkpoints on any CPU).
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    max_shard_size: int = Field(default=2 * 1024**3, gt=0)
-    # Sub-byte layout for 3/5/6/7-bit weights: "auto" is what the installed compressed-tensors
-    # reads; "dense" is what vLLM and compressed-tensors >= 0.18 read; "padded" is <= 0.17's.
-    packing: Literal["auto", "padded", "dense"] = "auto"
-    # Calibration text, for schemes with static activation scales (see llmpress.data).
-    dataset: str | None = None
-    num_samples: int = Field(default=128, gt=0)
-    seq_len: int = Field(default=512, gt=0)
-    seed: int = 0
-    # FP8 KV cache: "fp8" one k/v scale per attention, "fp8-head" one per KV head (see
-    # llmpress.algorithms.kvcache); calibrated on `dataset`.
-    kv_cache: Literal["fp8", "fp8-head"] | None = None
-    # How weights are rounded: "rtn" (round to nearest, by the observer) or "gptq" (error
-    # feedback through the inputs' Hessian, llmpress.algorithms.gptq; needs `dataset`), after optional
-    # smoothing: "awq" (weight-only schemes, then round to nearest), "smoothquant" (schemes
-    # that quantize activations), "smoothquant+gptq" (the standard W8A8 recipe).
-    method: Method = DEFAULT_QUANTIZER.name
-    smoothing_strength: float = Field(default=0.5, gt=0, le=1)  # SmoothQuant's α
-    duo_scaling: bool = True  # AWQ: scales from activations and weights (False: activations)
-    awq_clip: bool = False  # AWQ: also search each weight group's clipping range
-    awq_grid: int = Field(default=20, gt=1)  # AWQ: exponents tried per smoothing site
-    block_size: int = Field(default=128, gt=0)
-    dampening_frac: float = Field(default=0.01, gt=0)
-    # GPTQ's column order: "static" (= "weight", llm-compressor's default), "group"
-    # (= "dynamic": groups in activation order, `weight_g_idx` stored), or "none" (in order).
-    actorder: Literal["static", "weight", "group", "dynamic", "none"] = "static"
-    offload_hessians: bool = False
-    # What the next layer calibrates on: "compressed" (each layer is run again compressed, so
-    # the next one sees what it will see when served; two passes per layer, as llm-compressor's
-    # sequential pipeline) or "original" (the uncompressed layer's outputs, from the observing
-    # pass itself: one pass per layer, about half the time, statistics of the original model).
-    # "sequential": one pass per layer in which each module calibrates on the outputs of the
-    # compressed modules before it, in its layer too (llmpress.sequential); the paused batches
-    # hold their activations meanwhile. Not with smoothing or --kv-cache.
-    # None: "original" for AWQ (as AutoAWQ and llm-compressor calibrate it: each layer on the
-    # unquantized model's activations), "sequential" for SparseGPT and Wanda, "compressed"
-    # otherwise (`propagation`).
-    propagate: Literal["compressed", "original", "sequential"] | None = None
-    # Several modifiers (AWQ or SmoothQuant, then the quantization modifier): each calibrated
-    # on its own hidden states, as one run per modifier would be, instead of all of them on
-    # one sequential pass (llm-compressor's "independent" pipeline; llmpress.calibrate.Stage).
-    independent: bool = False
-    # Pruning (llmpress.sparsity), alone or before the scheme's quantization in the same run:
-    # SparseGPT (its column solve also quantizes, on the same Hessians), Wanda or magnitude.
-    prune: Pruner | None = None
-    # The fraction of each pruned weight set to zero (default 0.5), or one per decoder layer;
-    # an N:M mask prunes N/M.
-    sparsity: float | tuple[float, ...] | None = None
-    mask: str = "unstructured"  # or "N:M": N zeros in every M consecutive weights of a row
-    # The modules pruned (inside decoder layers): None, the quantized ones' targets/ignore.
-    sparsity_targets: tuple[str, ...] | None = None
-    sparsity_ignore: tuple[str, ...] | None = None
-
-    @model_validator(mode="after")
-    def _one_scheme_source(self) -> CompressOptions:
-        if (self.scheme is None) == (not self.groups) and not (
-            self.prune and self.scheme is None and not self.groups
-        ):
-            raise ValueError("give a scheme, or groups of schemes for mixed precision")
-        if self.groups and (self.targets != DEFAULT_TARGETS or self.group_size is not None):
-            raise ValueError("with groups, each group gives its targets and group size")
-        return self
-
-    @model_validator(mode="after")
-    def _pruning(self) -> CompressOptions:
-        pruning = (self.sparsity, self.sparsity_targets, self.sparsity_ignore)
-        if self.prune is None:
-            if any(v is not None for v in pruning) or self.mask != "unstructured":
-                raise ValueError(
-                    "sparsity, mask and sparsity targets need a pruning method (sparsegpt, "
-                    "wanda or magnitude)"
-                )
-            return self
-        structure = Structure.parse(self.mask)
-        values = self.sparsity if isinstance(self.sparsity, tuple) else (self.sparsity,)
-        for value in values:
-            if value is not None and not 0 < value < 1:
-                raise ValueError(f"sparsity {value} is not a fraction between 0 and 1")
-        if (
-            structure.structured
-            and self.sparsity is not None
-            and any(abs(v - structure.sparsity) > 1e-9 for v in values)
-        ):
-            raise ValueError(
-                f"a {structure.label} mask prunes exactly {structure.sparsity:g} of each "
-                "weight; drop sparsity, or use an unstructured mask"
-            )
-        solved = self.pruner.solved
-        if structure.structured and solved and self.block_size % structure.m:
-            raise ValueError(f"block_size must be a multiple of the mask's M ({structure.m})")
-        if self._smoothers or self.independent:
-            raise ValueError(
-                "pruning runs with round to nearest or GPTQ quantization; AWQ, SmoothQuant and "
-                "--independent are not combined with it"
-            )
-        return self
-
-    @property
-    def structure(self) -> Structure:
-        return Structure.parse(self.mask)
-
-    def layer_sparsity(self, layer: int) -> float:
-        """The fraction pruned in decoder layer `layer`."""
-        if self.structure.structured:
-            return self.structure.sparsity
-        if isinstance(self.sparsity, tuple):
-            return self.sparsity[layer]
-        return 0.5 if self.sparsity is None else self.sparsity
-
-    @property
-    def quantizes(self) -> bool:
-        return self.scheme is not None or bool(self.groups)
-
-    @property
-    def scheme_groups(self) -> tuple[SchemeGroup, ...]:
-        """The run's groups: `groups`, or the one group that scheme, targets and group_size
-        make (none when the run only prunes)."""
-        if self.groups:
-            return self.groups
-        if self.scheme is None:
-            return ()
-        return (SchemeGroup(scheme=self.scheme, targets=self.targets, group_size=self.group_size),)
-
-    @property
-    def label(self) -> str:
-        """The scheme, or the mixed-precision groups, in words (with the pruning first)."""
-        quantized = self._quantized_label
-        if self.prune is None:
-            return quantized
-        pruned = f"{self.structure.label} sparse ({self.prune})"
-        return f"{pruned} + {quantized}" if quantized else pruned
-
-    @property
-    def _quantized_label(self) -> str | None:
-        if not self.groups:
-            return self.scheme
-        if len(self.groups) == 1:
-            return self.groups[0].label
-        return " + ".join(f"{g.label} ({', '.join(g.targets)})" for g in self.groups)
-
-    @property
-    def propagation(self) -> str:
-        """What each layer calibrates on: `propagate`, or by default "original" where every
-        group is AWQ's, "sequential" for SparseGPT and Wanda, "compressed" otherwise."""
-        return self.propagate or default_propagation(self.algorithms, self.kv_cache is not None)
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """Each group's method, in group order."""
-        return tuple(g.method or self.method for g in self.scheme_groups)
-
-    @property
-    def algorithms(self) -> tuple[Algorithm, ...]:
-        """Every algorithm of the run, once each: the pruner, then each group's in order."""
-        return algorithms_of(([self.prune] if self.prune else []) + list(self.methods))
-
-    @property
-    def method_names(self) -> list[str]:
-        """The algorithms in the user's words: the pruner, then each distinct group method."""
-        return ([self.prune] if self.prune else []) + list(dict.fromkeys(self.methods))
-
-    @property
-    def pruner(self):  # noqa: ANN201 - llmpress.algorithms.base.Pruner | None
-        return pruner_named(self.prune)
-
-    @property
-    def solver(self) -> Quantizer | None:
-        """The solving quantizer (GPTQ) of some group, or None where all round to nearest."""
-        return next((q for m in self.methods if (q := quantizer_of(m)).solves), None)
-
-    @property
-    def smoother(self) -> Smoother | None:
-        """The smoothing applied before rounding, or None (one kind per run)."""
-        return next(iter(self._smoothers), None)
-
-    @property
-    def _smoothers(self) -> dict[Smoother, None]:
-        return dict.fromkeys(s for m in self.methods if (s := smoother_of(m)) is not None)
-
-    @model_validator(mode="after")
-    def _one_smoother(self) -> CompressOptions:
-        if len(self._smoothers) > 1:
-            raise ValueError("one kind of smoothing per run: AWQ or SmoothQuant, not both")
-        return self
-
-    @property
-    def layout(self) -> str:
-        return installed_layout() if self.packing == "auto" else self.packing
-
-    @field_validator("targets")
-    @classmethod
-    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("targets must name at least one module pattern")
-        return value
 
 
 @dataclass(frozen=True)
@@ -461,28 +129,6 @@ class Plan:
             numel = source.modules[name].weight.numel()
             shrink += source.nbytes(f"{name}.weight") - int(numel * bits / 8 * 1.02)
         return source.total_bytes - shrink
-
-
-def default_propagation(algorithms, kv_cache: bool = False) -> str:
-    """What layers calibrate on when `--propagate` is not given, for a run of these
-    algorithms: the original model's outputs where every one of them prefers it (AWQ alone,
-    as AutoAWQ and llm-compressor run it); the compressed modules' outputs in one pass
-    ("sequential") where one prefers it (SparseGPT, Wanda) and nothing needs the whole layer
-    observed first (smoothing, the KV cache); the compressed layers' otherwise."""
-    algorithms = set(algorithms)
-    if algorithms and all(a.propagation == "original" for a in algorithms):
-        return "original"
-    if any(a.propagation == "sequential" for a in algorithms) and sequential_allowed(
-        algorithms, kv_cache
-    ):
-        return "sequential"
-    return "compressed"
-
-
-def sequential_allowed(algorithms, kv_cache: bool) -> bool:
-    """Whether a run can compress each module as soon as its inputs are observed: smoothing
-    needs the statistics of a whole layer first, and the KV cache those of its attention."""
-    return not kv_cache and not any(a.whole_layer for a in algorithms)
 
 
 def build_plan(source: ModelSource, options: CompressOptions) -> Plan:

@@ -30,7 +30,7 @@ from compressed_tensors.quantization import (
 )
 
 from llmpress.algorithms.base import Need, Smoother
-from llmpress.algorithms.gptq import output_error, rtn_dequantized
+from llmpress.algorithms.columns import output_error, rtn_dequantized
 from llmpress.algorithms.smoothing import Mapping
 from llmpress.errors import LlmpressError
 from llmpress.observers import global_scale

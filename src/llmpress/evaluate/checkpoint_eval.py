@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from llmpress.corpora import load_text
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.loading import LoadedModel, load_model
 from llmpress.evaluate.metrics import Quality, Reference, score
-from llmpress.evaluate.texts import load_text
 from llmpress.evaluate.windows import Windows, token_windows
 
 DEFAULT_SEQ_LEN = 512

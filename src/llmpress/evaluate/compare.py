@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from llmpress.algorithms import DEFAULT_QUANTIZER
+from llmpress.corpora import load_text
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.checkpoint_eval import (
     SERVING_OUTPUT_TOKENS,
@@ -37,7 +38,6 @@ from llmpress.evaluate.checkpoint_eval import (
 from llmpress.evaluate.loading import load_model
 from llmpress.evaluate.metrics import CachedReference, score
 from llmpress.evaluate.report import write_report
-from llmpress.evaluate.texts import load_text
 from llmpress.evaluate.windows import token_windows
 from llmpress.schemes import CALIBRATED, DESCRIPTIONS, preset_args
 

@@ -1,46 +1,37 @@
-"""Static activation scales from calibration data, one decoder layer at a time.
+"""The calibrated layer loop's work on one decoder layer: observe its modules' inputs, then
+transform, prune and quantize them (each by the algorithms the plan gives their group), add
+static input scales and the KV cache's, and run the layer again compressed, so that the next
+layer calibrates on what it will see when served.
 
 For schemes whose input activations have static scales (FP8 and W8A8_STATIC: one scale per
-tensor; NVFP4: a global scale under dynamic group scales), every quantized Linear's inputs are
-observed as calibration batches flow through the layer runner: the running min and max over
-all samples give the scale, by compressed-tensors' `calculate_qparams` (`generate_gparam` for
-NVFP4's global scale), as for weights. Modules vLLM fuses into one GEMM (q/k/v, gate/up) read
-the same input and get one shared range. The layer is then run again *compressed*
-(dequantized weights, quantized inputs), so the next layer calibrates on what it will see at
-inference. With `--kv-cache` (any weight scheme), a pass in between runs the compressed layer
-and observes what each attention caches (llmpress.algorithms.kvcache); the last pass stores that in fp8.
-With `propagate="original"` the observing pass runs the whole layer, uncompressed, and its
-outputs are the next layer's inputs: one pass per layer instead of two or three, and every
-statistic is the original model's (as a calibration forward of the whole model would give).
+tensor; NVFP4: a global scale under dynamic group scales), the running min and max of every
+quantized Linear's inputs give the scale, by compressed-tensors' `calculate_qparams`
+(`generate_gparam` for NVFP4's global scale), as for weights. Modules vLLM fuses into one GEMM
+(q/k/v, gate/up) read the same input and get one shared range. With `--kv-cache`, a pass in
+between runs the compressed layer and observes what each attention caches
+(llmpress.algorithms.kvcache); the last pass stores that in fp8. With `propagate="original"`
+the observing pass runs the whole layer, uncompressed, and its outputs are the next layer's
+inputs: one pass per layer instead of two or three. Stages (several modifiers, each on its own
+hidden states) are llmpress.stages; what is observed, llmpress.observation; the layer as served,
+llmpress.served.
 
-On a CPU without native 16-bit matrix units the layers are computed in float32: it runs float32
-products several times faster than bfloat16 ones there, and bf16 values are exact in float32.
-A CPU with AVX512-BF16 or AMX runs bf16 products ~2.5x faster than float32 ones, and computes a
-bf16 checkpoint in bf16, as a GPU does (`compute_dtype`; `--compute-dtype float32` pins it).
+This module is over 450 lines because one class holds one layer's whole calibrated pass: the
+smoothing and the solve read and write the same resident layer, observer and report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
-from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import (
-    QuantizationArgs,
     QuantizationScheme,
     QuantizationStrategy,
-    QuantizationType,
 )
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
-from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
 from llmpress.activations import ActivationCache
-from llmpress.algorithms import Need, algorithms_of, pruner_named, quantizer_of, smoother_of
+from llmpress.algorithms import Need, pruner_named, quantizer_of, smoother_of
 from llmpress.algorithms.awq import clip_search
 from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize
 from llmpress.algorithms.kvcache import KVCacheCalibration, attention_modules
@@ -55,13 +46,15 @@ from llmpress.algorithms.sparsegpt import Pruning
 from llmpress.data import CalibrationSet
 from llmpress.errors import LlmpressError
 from llmpress.memory import return_freed_memory
+from llmpress.observation import InputObserver
 from llmpress.packing import installed_layout, layouts_differ
-from llmpress.plan import Plan, default_propagation, fused_groups, sequential_allowed
-from llmpress.quantize import check_finite, global_scales, layer_states, pack_states, scheme_format
-from llmpress.runner import LayerRunner, StopLayer
+from llmpress.plan import Plan, fused_groups
+from llmpress.quantize import check_finite, global_scales, layer_states, pack_states
+from llmpress.runner import LayerRunner
 from llmpress.sequential import Sequencer
+from llmpress.served import InputQuantizer, dequantized_weight, hooked, served_zeros
 from llmpress.source import ModelSource
-from llmpress.sparsity import zero_fraction
+from llmpress.stages import Stage, checkpoint_dtype, compute_dtype, needs_calibration, stages_of
 
 log = logging.getLogger(__name__)
 
@@ -69,349 +62,7 @@ log = logging.getLogger(__name__)
 CLIP_SKIPPED = ("q_proj", "k_proj", "qkv_proj")
 
 
-def needs_calibration(scheme: QuantizationScheme) -> bool:
-    """Static input scales (or NVFP4's static global input scale) need calibration data."""
-    acts = scheme.input_activations
-    if acts is None:
-        return False
-    return acts.dynamic is False or acts.strategy == QuantizationStrategy.TENSOR_GROUP
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One modifier's part of each layer's work: the groups whose smoothing sites it smooths
-    and the groups it quantizes (by config group name); `one_pass`: its next layer calibrates
-    on the outputs of its observing pass (propagate "original"), not of a compressed pass."""
-
-    smooths: frozenset[str]
-    quantizes: frozenset[str]
-    one_pass: bool = False
-    sequential: bool = False  # one pass, each module on its compressed predecessors' outputs
-
-
-def stages_of(plan: Plan, independent: bool, propagate: str | None = None) -> list[Stage]:
-    """The stages of a calibrated run. By default one: each layer is observed once and every
-    modifier works on it. `independent`: one stage per modifier, in recipe order (the
-    smoothing modifier, then the quantization modifier), each calibrated on its own hidden
-    states, as separate runs would be: a stage sees the modules of the stages before it
-    compressed, and those of the stages after it original. `propagate`: every stage's, or
-    None for each stage's default, as its run alone would take it ("original" for AWQ;
-    `CompressOptions.propagation`)."""
-    every = frozenset(g.name for g in plan.groups)
-    smoothed = frozenset(g.name for g in plan.groups if smoother_of(g.method) is not None)
-    kv = plan.kv_cache is not None
-
-    def stage(smooths: frozenset[str], quantizes: frozenset[str], prunes: bool = False) -> Stage:
-        methods = [g.method for g in plan.groups if g.name in quantizes]
-        if prunes:  # pruning changes the function: the next layer sees it, as GPTQ's
-            methods.append(plan.sparsity.method)
-        algorithms = algorithms_of(methods)
-        if not quantizes and not prunes:  # it only smooths, keeping the function: one pass
-            mode = "compressed" if propagate == "compressed" else "original"  # gives the same
-        else:
-            mode = propagate or default_propagation(algorithms, kv)
-        smoothing = algorithms_of(g.method for g in plan.groups if g.name in smooths)
-        if mode == "sequential" and not sequential_allowed(algorithms + smoothing, kv):
-            raise LlmpressError(
-                "--propagate sequential compresses each module as soon as its inputs are "
-                "seen; smoothing (AWQ, SmoothQuant) and --kv-cache need a whole layer "
-                "observed first: use --propagate compressed"
-            )
-        return Stage(smooths, quantizes, mode == "original", mode == "sequential")
-
-    if not independent:  # pruning (never independent) is the one stage's
-        return [stage(smoothed, every, plan.sparsity is not None)]
-    stages = []
-    if smoothed:  # AWQ rounds the groups it smooths; SmoothQuant leaves them to the quantizer
-        rounded = frozenset(
-            g.name
-            for g in plan.groups
-            if (smoother := smoother_of(g.method)) is not None and smoother.quantizes_smoothed
-        )
-        stages.append(stage(smoothed, rounded))
-    rest = every - (stages[0].quantizes if stages else frozenset())
-    if rest:
-        stages.append(stage(frozenset(), rest))
-    return stages
-
-
-def checkpoint_dtype(source: ModelSource, plan: Plan) -> torch.dtype:
-    """The dtype the checkpoint stores its weights in: that of the first module planned."""
-    return source.tensor_entries[f"{plan.modules[0]}.weight"].dtype
-
-
-def compute_dtype(device: str, checkpoint_dtype: torch.dtype, choice: str = "auto") -> torch.dtype:
-    """The dtype calibration computes in (`choice`: "auto", "float32" or "bfloat16")."""
-    if choice != "auto":
-        return getattr(torch, choice)
-    if not device.startswith("cpu"):
-        return checkpoint_dtype
-    if checkpoint_dtype == torch.bfloat16 and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), through
-    oneDNN: then bf16 products run ~2.5x faster than float32 ones, else several times slower."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class ChannelStats:
-    """Per-channel statistics of a module input over every token: min, max and mean |x|
-    (what smoothing needs), and the root mean square (Wanda's input norms); a smoothed input
-    x / s is followed by `divide(s)`."""
-
-    def __init__(self, channels: int, device, extremes: bool = True, squares: bool = False):
-        """`extremes`: min, max and mean |x| (smoothing); `squares`: the mean square (Wanda)."""
-        self.extremes, self.squares = extremes, squares
-        self.lo = torch.full((channels,), float("inf"), device=device)
-        self.hi = torch.full((channels,), float("-inf"), device=device)
-        self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.square_sum = torch.zeros(channels, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if self.extremes:
-            lo, hi = torch.aminmax(x, dim=0)
-            self.lo = torch.minimum(self.lo, lo.float())
-            self.hi = torch.maximum(self.hi, hi.float())
-            self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
-        if self.squares:  # one batch summed in float32 (vectorized), the batches in float64
-            x = x.float()
-            self.square_sum += (x * x).sum(dim=0).double()
-        self.tokens += x.shape[0]
-
-    def rms(self) -> torch.Tensor:
-        return (self.square_sum / max(self.tokens, 1)).sqrt().float()
-
-    def absmax(self) -> torch.Tensor:
-        return torch.maximum(self.hi.abs(), self.lo.abs())
-
-    def abs_mean(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.tokens, 1)).float()
-
-    def divide(self, scale: torch.Tensor) -> None:
-        scale = scale.to(self.lo.device)
-        self.lo, self.hi = self.lo / scale, self.hi / scale
-        self.abs_sum = self.abs_sum / scale.double()
-        self.square_sum = self.square_sum / scale.double().square()
-
-
-@dataclass
-class _Input:
-    """One input tensor of a batch: its range, and the Hessians and statistics it was added to."""
-
-    ref: weakref.ref
-    range: tuple[torch.Tensor, torch.Tensor] | None = None
-    fed: dict = field(default_factory=dict)
-
-
-class _InputObserver:
-    """What calibration needs of each watched module's first input, over every sample: the
-    running min and max (static scales) and/or the Hessian mean(x xᵀ) (GPTQ). Modules handed
-    the same tensor (q/k/v, gate/up) are reduced once and share one Hessian. Once every
-    watched module of a batch has been seen, the layer's forward is cut short (StopLayer):
-    nothing after the last module's input is observed."""
-
-    def __init__(
-        self,
-        names: list[str],
-        ranges: bool = True,
-        hessians: bool = False,
-        device: str = "cpu",
-        offload: bool = False,
-        stop: bool = True,
-        channels: bool = False,
-        squares: bool = False,
-    ):
-        """`stop`: cut each batch's forward short once every module has been seen;
-        `channels`: also per-channel statistics of each input (smoothing); `squares`: only
-        their mean squares (Wanda)."""
-        self.squares = squares
-        self.ranges, self.device, self.offload, self.stop = ranges, device, offload, stop
-        self.channels: dict[str, ChannelStats] | None = {} if channels or squares else None
-        self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
-        self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
-        self.hessians: dict[str, Hessian] | None = {} if hessians else None
-        self._inputs: dict[int, _Input] = {}  # this batch's inputs, by id
-        self._unseen = set(names)
-        self._sharing: dict[str, str] = {}  # module: the fused sibling whose input it reads
-
-    def _input(self, x: torch.Tensor) -> _Input:
-        """What this batch has done with tensor `x` so far: a tensor handed to several modules
-        (q/k/v, gate/up, every expert of a layer) is reduced once. Known by weak reference: a
-        freed tensor's id can be reused, and its entry then no longer matches."""
-        entry = self._inputs.get(id(x))
-        if entry is None or entry.ref() is not x:
-            entry = _Input(weakref.ref(x))
-            if self.ranges:
-                entry.range = (x.min().float().cpu(), x.max().float().cpu())
-            self._inputs[id(x)] = entry
-        return entry
-
-    def hook(self, name: str):
-        def observe(module, args):
-            x = args[0]
-            if name in self._sharing:  # compressed with its sibling, on the sibling's inputs
-                known = self._inputs.get(id(x))
-                if known is None or known.ref() is not x:
-                    raise LlmpressError(
-                        f"{name} does not read the input of {self._sharing[name]}, which it is "
-                        "fused with; use --propagate compressed"
-                    )
-                return
-            entry = self._input(x)
-            if self.ranges:
-                lo, hi = entry.range
-                self.lo[name] = torch.minimum(self.lo[name], lo)
-                self.hi[name] = torch.maximum(self.hi[name], hi)
-            if self.hessians is not None:
-                self._feed(name, x, entry.fed)
-            if self.channels is not None:
-                self._feed_channels(name, x, entry.fed)
-            self._unseen.discard(name)
-            if self.stop and not self._unseen:
-                raise StopLayer
-
-        return observe
-
-    def _feed(self, name: str, x: torch.Tensor, fed: dict) -> None:
-        """`fed`: what `x` was added to in this batch."""
-        hessian = self.hessians.get(name)
-        if hessian is None:  # first batch: share the Hessian of a module given this tensor
-            shared = fed.get("hessian")
-            hessian = shared if shared is not None else Hessian(x.shape[-1], x.device, self.offload)
-            self.hessians[name] = hessian
-        if id(hessian) not in fed:
-            hessian.add(x)
-            fed[id(hessian)] = fed["hessian"] = hessian
-
-    def _feed_channels(self, name: str, x: torch.Tensor, fed: dict) -> None:
-        stats = self.channels.get(name)
-        if stats is None:  # first batch: share the statistics of a module given this tensor
-            stats = fed.get("channels")
-            if stats is None:
-                stats = ChannelStats(
-                    x.shape[-1], x.device, extremes=not self.squares, squares=self.squares
-                )
-            self.channels[name] = stats
-        if ("channels", id(stats)) not in fed:
-            stats.add(x)
-            fed[("channels", id(stats))] = fed["channels"] = stats
-
-    def start(self, layer, args) -> None:
-        """A pre-hook on the layer: a batch begins, every module is still to be seen (a
-        module that runs for some batches only, as an unrouted expert, never cuts one short)."""
-        self._unseen = set(self.lo)
-        self._inputs = {}
-
-    def share(self, name: str, members: list[str]) -> None:
-        """`members` (fused with `name`: q/k/v, gate/up) read `name`'s input, and are
-        compressed before their own calls: `name`'s statistics become theirs, and each of their
-        calls is checked to read an input already seen."""
-        for member in members:
-            if member == name:
-                continue
-            if self.hessians is not None:
-                self.hessians[member] = self.hessians[name]
-            if self.channels is not None:
-                self.channels[member] = self.channels[name]
-            self.lo[member], self.hi[member] = self.lo[name], self.hi[name]
-            self._sharing[member] = name
-
-    def shared(self, members: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = torch.stack([self.lo[m] for m in members]).min()
-        hi = torch.stack([self.hi[m] for m in members]).max()
-        return lo.reshape(1), hi.reshape(1)
-
-
-def dequantized_weight(
-    state: dict[str, torch.Tensor], scheme: QuantizationScheme, dtype: torch.dtype
-) -> torch.Tensor:
-    """A compressed module's weight as its readers reconstruct it, in `dtype`."""
-    args = scheme.weights
-    per_row = args.strategy in (QuantizationStrategy.TENSOR, QuantizationStrategy.CHANNEL)
-    if "weight" in state and per_row and "weight_zero_point" not in state:
-        # float-quantized / int-quantized: one scale per tensor or per output row.
-        return (state["weight"].to(torch.float32) * state["weight_scale"].to(torch.float32)).to(
-            dtype
-        )
-    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
-    stored = {k: v for k, v in state.items() if k.startswith("weight")}
-    return compressor.decompress(stored, scheme)["weight"].to(dtype)
-
-
-def served_zeros(state: dict[str, torch.Tensor], scheme: QuantizationScheme | None) -> float:
-    """The fraction of a stored module's weight that is zero as readers reconstruct it
-    (`scheme` None: stored dense); pruned weights, and any rounded to zero."""
-    weight = state["weight"] if scheme is None else dequantized_weight(state, scheme, torch.float32)
-    return round(zero_fraction(weight), 6)
-
-
-def quantize_static(x: torch.Tensor, scale: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
-    """Quantize-dequantize with one static symmetric scale, as vLLM does (round to nearest
-    even, saturate): compressed-tensors' fake_quantize, without its general machinery."""
-    scaled = x / scale
-    if args.type == QuantizationType.FLOAT:
-        fmax = torch.finfo(torch.float8_e4m3fn).max
-        q = scaled.clamp_(-fmax, fmax).to(torch.float8_e4m3fn).to(x.dtype)
-    else:
-        qmax = 2 ** (args.num_bits - 1)
-        q = scaled.round_().clamp_(-qmax, qmax - 1)
-    return q.mul_(scale)
-
-
-@contextlib.contextmanager
-def _hooked(hooks: list) -> Iterator[None]:
-    """Hooks in place for a block, removed after it (added to `hooks` inside it: removed too)."""
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-class _InputQuantizer:
-    """Forward pre-hooks that quantize each module's input as it will be at inference; a
-    tensor handed to several modules with the same scales is quantized once."""
-
-    def __init__(self, args: QuantizationArgs):
-        self.args = args
-        self._last: tuple[torch.Tensor | None, object, torch.Tensor | None] = (None, None, None)
-
-    def hook(self, params: dict[str, torch.Tensor]):
-        # By value: fused siblings (q/k/v, gate/up) hold equal scales in tensors of their own,
-        # and their shared input is then quantized once.
-        key = tuple(float(v) for v in params.values())
-
-        def quantize_input(module, args):
-            x = args[0]
-            if self._last[0] is not x or self._last[1] != key:
-                self._last = (x, key, self._quantize(x, params))
-            return (self._last[2], *args[1:])
-
-        return quantize_input
-
-    def _quantize(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        args = self.args
-        if not params:  # dynamic (FP8_DYNAMIC, W8A8): scales per call, as served
-            scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None)
-            return fake_quantize(x, scale, zero_point, args)
-        if "input_global_scale" in params:  # NVFP4: group scales at run time, global static
-            gscale = params["input_global_scale"].to(x.device)
-            scale, zero_point = compute_dynamic_scales_and_zp(
-                value=x, args=args, module=None, global_scale=gscale
-            )
-            return fake_quantize(x, scale, zero_point, args, global_scale=gscale)
-        scale = params["input_scale"].to(x.device, x.dtype)
-        if args.symmetric:
-            return quantize_static(x, scale, args)
-        return fake_quantize(x, scale, params["input_zero_point"].to(x.device), args)
-
-
-class StaticCalibration:
+class CalibratedLayers:
     """Compresses each decoder layer's planned modules and adds their input scales, and the
     k/v scales of its attention with `--kv-cache`."""
 
@@ -494,7 +145,7 @@ class StaticCalibration:
             self.mappings = self._infer_mappings(index, layer, weights)
         packed: dict[str, dict[str, torch.Tensor]] = {}
         held: list = []  # input quantizers of the modules earlier stages compressed
-        with _hooked(held):
+        with hooked(held):
             for k, stage in enumerate(self.stages):
                 self.runner.cache = self.caches[k]
                 last = k == len(self.stages) - 1
@@ -533,7 +184,7 @@ class StaticCalibration:
         watch = None
         hooks = []
         if self.static or needs & (Need.HESSIAN | Need.CHANNELS | Need.INPUT_NORMS):
-            watch = _InputObserver(
+            watch = InputObserver(
                 watched,
                 ranges=self.static,
                 hessians=bool(needs & Need.HESSIAN),
@@ -549,7 +200,7 @@ class StaticCalibration:
             if not stage.sequential:  # there the batches interleave: inputs known per layer
                 hooks.append(layer.register_forward_pre_hook(watch.start))
         if stage.sequential:  # observed, compressed and run in one pass (llmpress.sequential)
-            with _hooked(hooks):
+            with hooked(hooks):
                 packed, readable = self._sequential(index, part, watch, observer, layout)
         else:
             attentions = None
@@ -558,7 +209,7 @@ class StaticCalibration:
                 attentions = attention_modules(layer, prefix)
                 hooks += kv.observe(attentions)
             if hooks:  # none: only the KV cache is calibrated, in the compressed passes below
-                with _hooked(hooks):
+                with hooked(hooks):
                     self.runner.forward_layer(index, update=stage.one_pass)
             elif stage.one_pass:
                 self.runner.forward_layer(index)
@@ -646,7 +297,7 @@ class StaticCalibration:
             return members
 
         sequencer = Sequencer({n: self.runner.modules[n] for n in part})
-        with _hooked(quantizers):
+        with hooked(quantizers):
             self.runner.forward_layer_sequential(index, sequencer, compress)
         uncalled = {n: w for n, w in part.items() if n not in packed}
         if uncalled:  # modules no batch ran (GPTQ refuses them, as in two passes)
@@ -803,7 +454,7 @@ class StaticCalibration:
         return mappings
 
     def _smooth(
-        self, index, layer, stage: Stage, weights, others, watch: _InputObserver, observer
+        self, index, layer, stage: Stage, weights, others, watch: InputObserver, observer
     ) -> None:
         """Choose and apply each mapping's scales, in order: `weights` and `others` (the
         checkpoint's tensors, written later) and the resident layer take the smoothed values,
@@ -851,7 +502,7 @@ class StaticCalibration:
                 others[prefix + key] = value
         load_tensors(layer, {k: self.runner.placed(v) for k, v in changed.items()})
 
-    def _clip(self, weights, watch: _InputObserver, observer) -> None:
+    def _clip(self, weights, watch: InputObserver, observer) -> None:
         """AWQ's clipping search on the smoothed weights, but for q and k (their error passes
         through the attention softmax, which the output error does not see)."""
         clipped = self.report["smoothing"].setdefault("clip", {})
@@ -875,7 +526,7 @@ class StaticCalibration:
             }
 
     def _input_params(
-        self, name: str, ranges: _InputObserver, dtype: torch.dtype
+        self, name: str, ranges: InputObserver, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """The stored tensors of module `name`'s input quantization."""
         fused = tuple(m for m in self.plan.fused.get(name, (name,)) if m in ranges.lo)
@@ -893,7 +544,7 @@ class StaticCalibration:
         """Give the resident layer's modules their weights as they will be served (dequantized)
         and quantize their inputs as served; returns the input quantizers' hooks."""
         modules = self.runner.modules
-        quantizers: dict[int, _InputQuantizer] = {}  # one per scheme's input arguments
+        quantizers: dict[int, InputQuantizer] = {}  # one per scheme's input arguments
         hooks = []
         for name, state in readable.items():
             module = modules[name]
@@ -905,7 +556,7 @@ class StaticCalibration:
             module.weight.data = weight.to(module.weight.device)
             if scheme.input_activations is not None:
                 quantizer = quantizers.setdefault(
-                    id(scheme), _InputQuantizer(scheme.input_activations)
+                    id(scheme), InputQuantizer(scheme.input_activations)
                 )
                 params = {k: v for k, v in state.items() if k.startswith("input_")}
                 hooks.append(module.register_forward_pre_hook(quantizer.hook(params)))
@@ -915,13 +566,13 @@ class StaticCalibration:
         """Run the layer as it will be served (dequantized weights, quantized inputs, and with
         --kv-cache its keys and values in fp8), so the next layer sees its real inputs."""
         hooks = self._load_compressed(readable)
-        with _hooked(hooks):
+        with hooked(hooks):
             if kv is not None:
                 # What the compressed layer caches: observed, then stored in fp8 as the next
                 # layer's inputs are computed.
                 prefix = f"{self.runner.source.layer_prefix}.{index}."
                 attentions = attention_modules(layer, prefix)
-                with _hooked(kv.observe(attentions)):
+                with hooked(kv.observe(attentions)):
                     self.runner.forward_layer(index, update=False)
                 kv_scales = kv.scales(attentions, self.checkpoint_dtype)
                 hooks += kv.quantize(attentions, kv_scales)

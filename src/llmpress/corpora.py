@@ -1,4 +1,5 @@
-"""Held-out text for evaluation: a built-in corpus or a file, always the same bytes.
+"""Built-in text corpora and text files, for calibration (llmpress.data) and held-out
+evaluation (llmpress.evaluate) alike: always the same bytes.
 
 The built-in corpus is Python's own documentation (`pydoc_data.topics`, in every CPython, so
 it is there offline). Its topics are split once, by a hash of each topic's name, into an

@@ -18,11 +18,12 @@ import filecmp
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_datafree import MODELS, build_llama1b
+from bench_datafree import MODELS
 from benchlib import MB, SMOLLM2, measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--only", default="", help="cases whose name contains this")
     args = ap.parse_args()
-    build_llama1b(MODELS["llama1b"])
+    # In a child: the children measured below would inherit this process's peak RSS (Linux
+    # carries ru_maxrss across fork and exec), and building the model peaks at ~3 GB.
+    subprocess.run(
+        [sys.executable, "-c", "from bench_datafree import MODELS, build_llama1b; "
+         "build_llama1b(MODELS['llama1b'])"],
+        cwd=Path(__file__).parent, check=True,
+    )  # fmt: skip
     trees = {"base": args.base.resolve(), "head": args.head.resolve()}
     work = Path(tempfile.mkdtemp(prefix="bench-commits-"))
     print(f"base {trees['base']}  head {trees['head']}  repeat {args.repeat}")

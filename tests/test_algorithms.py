@@ -114,3 +114,21 @@ def test_no_algorithm_name_is_compared_outside_the_registry():
         if compared.search(line)
     ]
     assert not found, found
+
+
+def test_each_algorithm_has_a_frozen_config_of_its_options_from_the_one_table():
+    from pydantic import ValidationError
+
+    from llmpress.api import compress_options
+
+    options = compress_options("W4A16", method="gptq", block_size=64, dataset="pydoc-calibration")
+    config = ALGORITHMS["gptq"].config(options)
+    assert config.model_dump() == dict(
+        block_size=64, dampening_frac=0.01, actorder="static", offload_hessians=False
+    )
+    with pytest.raises(ValidationError):  # frozen
+        config.block_size = 32
+    with pytest.raises(ValidationError):  # the table's constraint (gt=0), not a copy of it
+        type(config)(block_size=0)
+    for algorithm in ALGORITHMS.values():  # every option an algorithm owns is in the table
+        assert set(algorithm.config(options).model_dump()) == set(algorithm.options)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from llmpress.cli_options import _size, _table_options, _table_values
+from llmpress.cli_options import TableCommand, _size, _table_values
 from llmpress.errors import LlmpressError
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     """Compress Hugging Face causal LMs into compressed-tensors checkpoints."""
 
 
-@main.command()
+@main.command(cls=TableCommand)
 @click.argument("model")
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
@@ -62,7 +62,6 @@ def main() -> None:
     default=None,
     help="Calibration activations held in memory (e.g. 2GB); the rest spill to disk.",
 )
-@_table_options
 def compress(model, output, scheme, recipe, force, quiet, dry_run, resume, max_memory, **table):
     """Compress MODEL (a directory, or a hub id where the network allows) into OUTPUT."""
     from llmpress.lazy_compile import deferred_torch_compile

@@ -47,12 +47,27 @@ def _size(text: str) -> int:
     return int(number * scale[unit])
 
 
-def _table_options(command):
-    """The options of CompressOptions (llmpress.config), each a flag as its `cli` entry says,
-    with its help text and default from there: defined once, for the CLI and the API."""
-    from llmpress.config import CompressOptions
+class TableCommand(click.Command):
+    """A command whose options come from the table of options (llmpress.config), each a flag
+    as its `cli` entry says, with its help text and default from there: defined once, for the
+    CLI and the API. They are built when the command first parses or shows help, so that
+    importing the CLI (and `llmpress --help`, `llmpress schemes`) stays free of torch."""
 
-    for name, field in reversed(list(CompressOptions.model_fields.items())):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_table_added", False):
+            self.params.extend(_table_params())
+            self._table_added = True
+        return super().get_params(ctx)
+
+
+def _table_params() -> list[click.Option]:
+    from llmpress.lazy_compile import deferred_torch_compile
+
+    with deferred_torch_compile():  # the table imports compressed-tensors (lazy_compile)
+        from llmpress.config import CompressOptions
+
+    params = []
+    for name, field in CompressOptions.model_fields.items():
         spec = (field.json_schema_extra or {}).get("cli")
         if spec is None:
             continue
@@ -70,8 +85,8 @@ def _table_options(command):
             kwargs["type"] = click.Choice(choices)
         elif not spec.get("parse"):
             kwargs["type"] = _scalar(field.annotation)
-        command = click.option(flag, name, **kwargs)(command)
-    return command
+        params.append(click.Option([flag, name], **kwargs))
+    return params
 
 
 def _help(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo

@@ -12,8 +12,11 @@ composes one observation from the needs of a run's algorithms), the options it o
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, create_model
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
@@ -73,6 +76,13 @@ class Algorithm:
         serve `scheme` (None: a run that only prunes) with these options; `label`: the
         scheme or group in the user's words, `method`: the method the user gave it."""
 
+    def config(self, options) -> BaseModel:
+        """This algorithm's settings in a run: a frozen model of the options it owns, whose
+        types, defaults and constraints are the one table's (llmpress.config), not copies."""
+        return _config_model(self.name, self.options, type(options))(
+            **{name: getattr(options, name) for name in self.options}
+        )
+
     def recipe_args(self, options, args: dict | None = None) -> dict:
         """Its llm-compressor modifier's arguments for the run's `options` (`args`: those the
         modifier's kind shares, as targets and config groups), for recipe.yaml."""
@@ -123,3 +133,11 @@ class Smoother(Algorithm):
     def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, options):  # noqa: ANN001, ANN201
         """The scale of `mapping`'s channels, and what the manifest records of its choice."""
         raise NotImplementedError
+
+
+@functools.cache
+def _config_model(name: str, options: tuple[str, ...], table: type[BaseModel]) -> type[BaseModel]:
+    """A frozen pydantic model of `options`, each field as `table` defines it."""
+    fields = {n: (table.model_fields[n].annotation, table.model_fields[n]) for n in options}
+    title = "".join(part.title() for part in name.replace("-", "_").split("_")) + "Config"
+    return create_model(title, __config__=ConfigDict(frozen=True, extra="forbid"), **fields)

@@ -26,7 +26,13 @@ from llmpress.manifest import build_manifest, run_identity, sparsity_report
 from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import Plan, build_plan
 from llmpress.source import ModelSource
-from llmpress.stages import gptq_options, needs_data, require_dataset, smoothing_options
+from llmpress.stages import (
+    gptq_options,
+    needs_data,
+    require_dataset,
+    smoothing_options,
+    stages_of,
+)
 from llmpress.writer import RESUME_DIR, CheckpointWriter, partial_dir
 
 log = logging.getLogger(__name__)
@@ -199,7 +205,6 @@ def run(
         calibrated = None
         if calibration is not None:
             from llmpress.calibrated_layers import CalibratedLayers
-            from llmpress.stages import stages_of
 
             propagate = propagate_within(source, plan, options, max_memory)
             stages = stages_of(plan, options.independent, propagate)

@@ -5,6 +5,7 @@ not their value (sizes, lists of fractions)."""
 from __future__ import annotations
 
 import re
+import types
 
 import click
 
@@ -108,7 +109,7 @@ def _choices(annotation) -> list[str] | None:  # noqa: ANN001
 
     if get_origin(annotation) is Literal:
         return [str(v) for v in get_args(annotation)]
-    if get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if get_origin(annotation) in (Union, types.UnionType):
         for part in get_args(annotation):
             if get_origin(part) is Literal:
                 return [str(v) for v in get_args(part)]

@@ -77,8 +77,7 @@ Pruner = Annotated[str, AfterValidator(_pruning_method)]
 def option(default, help: str, *, cli: dict | None = {}, **constraints):  # noqa: B006, A002
     """A field of CompressOptions: its default, its --help text, and how the CLI takes it
     (`cli`: {} a plain --flag; None: not a flag of its own). `constraints`: pydantic's."""
-    extra = {"cli": cli} if cli is not None else {"cli": None}
-    return Field(default, description=help, json_schema_extra=extra, **constraints)
+    return Field(default, description=help, json_schema_extra={"cli": cli}, **constraints)
 
 
 class SchemeGroup(BaseModel):

@@ -14,7 +14,14 @@ from llmpress.errors import LlmpressError
 from llmpress.loop import STREAM_BYTES, is_streamed
 from llmpress.plan import Plan, build_plan
 from llmpress.source import ModelSource
-from llmpress.stages import needs_data, require_dataset
+from llmpress.stages import (
+    checkpoint_dtype,
+    compute_dtype,
+    needs_calibration,
+    needs_data,
+    require_dataset,
+    stages_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,6 @@ def dry_run(
 ) -> dict:
     """What `run` would do, from headers and config alone: no weights are read, nothing is
     written. Fails as `run` would on a plan that cannot work (a static scheme without data)."""
-    from llmpress.stages import checkpoint_dtype, compute_dtype, needs_calibration, stages_of
 
     source = ModelSource.open(model)
     plan = build_plan(source, options)
@@ -112,7 +118,6 @@ def dry_run(
 def sequential_bytes(source: ModelSource, plan: Plan, options: CompressOptions) -> int:
     """About the most a one-pass ("sequential") run holds of its paused batches: per token, a
     layer's input, its residual and normed states, the attention's or MLP's inner ones."""
-    from llmpress.stages import checkpoint_dtype, compute_dtype
 
     config = source.config
     hidden = getattr(config, "hidden_size", 0)

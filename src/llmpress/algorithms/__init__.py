@@ -102,12 +102,11 @@ def parse_method(text: str) -> Method:
 
 
 def algorithms_of(methods) -> tuple[Algorithm, ...]:
-    """The algorithms of these methods (a run's or a stage's), each once, in order; a method
-    that names no quantizer counts its rounding's."""
+    """The algorithms these methods (a run's or a stage's) name, each once, in order: "awq" is
+    AWQ alone, not the rounding it does itself."""
     found: list[Algorithm] = []
     for method in methods:
-        parsed = parse_method(method)
-        found += parsed.algorithms if parsed.algorithms else (parsed.rounding,)
+        found += parse_method(method).algorithms
     return tuple(dict.fromkeys(found))
 
 

@@ -123,3 +123,16 @@ def bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def run_uncompressed(runner, samples, on_layer=None) -> None:
+    """The calibrated loop's calls on a LayerRunner (capture, then load, run and unload each
+    layer, as llmpress.calibrated_layers makes them), nothing compressed: its hidden states
+    are then the model's. `on_layer(index, layer)`: called with each resident layer."""
+    runner.capture(samples)
+    for index in range(len(runner.layers)):
+        layer = runner.load_layer(index)
+        if on_layer is not None:
+            on_layer(index, layer)
+        runner.forward_layer(index)
+        runner.unload_layer(index)

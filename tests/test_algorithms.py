@@ -4,6 +4,7 @@ registered here, in this file alone, runs through the CLI."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from llmpress.algorithms import (
     parse_method,
     register,
 )
-from llmpress.algorithms.base import Pruner
+from llmpress.algorithms.base import Pruner, Quantizer
 from llmpress.cli import main
 from llmpress.errors import LlmpressError
 
@@ -48,23 +49,65 @@ LAST_COLUMNS = LastColumns(
 )
 
 
+# A quantizer is added the same way: its `quantize` works on the resident layer (a
+# LayerContext), with what it declared it needs observed, and writes its manifest section.
+@dataclass(frozen=True, kw_only=True)
+class TracedRounding(Quantizer):
+    """Rounds to nearest, and records the trace of each module's input Hessian."""
+
+    def quantize(self, ctx, weights, scheme, masks):  # noqa: ANN001, ANN201
+        for name in weights:
+            trace = float(ctx.watch.hessians[name].mean(ctx.device).trace())
+            ctx.record(self.manifest, name, {"hessian_trace": trace})
+        return ALGORITHMS["rtn"].quantize(ctx, weights, scheme, masks)
+
+
+TRACED = TracedRounding(
+    name="traced-rtn",
+    modifier="QuantizationModifier",
+    needs=Need.HESSIAN,
+    summary="round to nearest, recording the inputs' Hessian (a test's algorithm)",
+    needs_data="traced-rtn records the Hessians of the layers' inputs",
+    manifest="traced_rtn",
+)
+
+
 @pytest.fixture(scope="module")
-def last_columns():
-    register(LAST_COLUMNS)
-    yield LAST_COLUMNS
-    del ALGORITHMS[LAST_COLUMNS.name]
+def registered():
+    """This file's algorithms in the registry, for its tests only."""
+    for algorithm in (LAST_COLUMNS, TRACED):
+        register(algorithm)
+    yield
+    for algorithm in (LAST_COLUMNS, TRACED):
+        del ALGORITHMS[algorithm.name]
 
 
-def test_an_algorithm_registered_in_one_file_runs_through_the_cli(
-    last_columns, tiny_llama, tmp_path
-):
-    out = tmp_path / "pruned"
-    done = CliRunner().invoke(
-        main,
-        ["compress", str(tiny_llama), "-o", str(out), "--method", "last-columns",
-         "--sparsity", "0.25", "--quiet"],
-    )  # fmt: skip
+def _compress(model: Path, out: Path, *args: str) -> None:
+    done = CliRunner().invoke(main, ["compress", str(model), "-o", str(out), *args, "--quiet"])
     assert done.exit_code == 0, done.output
+
+
+def test_a_quantizer_registered_in_one_file_observes_and_reports_through_the_cli(
+    registered, tokenized_llama, tmp_path
+):
+    """It gets the Hessians it asked for, its manifest section is written, and its weights
+    are round-to-nearest's, byte for byte."""
+    common = ["--scheme", "W4A16", "--dataset", "pydoc-calibration", "--num-samples", "4",
+              "--seq-len", "32"]  # fmt: skip
+    outs = {method: tmp_path / method for method in ("traced-rtn", "rtn")}
+    for method, out in outs.items():
+        _compress(tokenized_llama, out, "--method", method, *common)
+    manifest = json.loads((outs["traced-rtn"] / "llmpress.json").read_text())
+    traces = manifest["traced_rtn"]
+    assert len(traces) == 16 * 7  # every Linear of the 16 decoder layers
+    assert all(entry["hessian_trace"] > 0 for entry in traces.values())
+    for shard in outs["rtn"].glob("*.safetensors"):
+        assert (outs["traced-rtn"] / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_an_algorithm_registered_in_one_file_runs_through_the_cli(registered, tiny_llama, tmp_path):
+    out = tmp_path / "pruned"
+    _compress(tiny_llama, out, "--method", "last-columns", "--sparsity", "0.25")
     source, written = load_file(tiny_llama / "model.safetensors"), {}
     for shard in out.glob("*.safetensors"):
         written |= load_file(shard)
@@ -132,3 +175,9 @@ def test_each_algorithm_has_a_frozen_config_of_its_options_from_the_one_table():
         type(config)(block_size=0)
     for algorithm in ALGORITHMS.values():  # every option an algorithm owns is in the table
         assert set(algorithm.config(options).model_dump()) == set(algorithm.options)
+    # The run's nested view: one config per algorithm it runs; defaults are the table's.
+    pruned = compress_options("W8A8", method="sparsegpt+gptq", dataset="pydoc-calibration")
+    nested = pruned.algorithm_configs
+    assert list(nested) == ["sparsegpt", "gptq"]
+    assert nested["sparsegpt"].dampening_frac == nested["gptq"].dampening_frac == 0.01
+    assert ALGORITHMS["gptq"].config(actorder="none").block_size == 128

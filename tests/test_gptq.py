@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmpress import compress
 from llmpress.algorithms.columns import output_error
-from llmpress.algorithms.gptq import GPTQOptions, Hessian, gptq_quantize
+from llmpress.algorithms.gptq import GPTQ, Hessian, gptq_quantize
 from llmpress.cli import main as cli
 from llmpress.errors import LlmpressError
 from llmpress.schemes import build_scheme
@@ -149,7 +149,7 @@ def test_dead_input_channels_are_handled():
     x = torch.randn(512, 128)
     x[:, [3, 40, 77]] = 0  # inputs that never fire: a singular Hessian
     h = _hessian(x)
-    result = gptq_quantize(w, h, args, GPTQOptions(actorder="none"))
+    result = gptq_quantize(w, h, args, GPTQ.config(actorder="none"))
     assert torch.isfinite(result.weight).all()
     assert (result.weight[:, [3, 40, 77]] == 0).all()  # free weights quantize to zero
     assert result.loss < result.loss_rtn
@@ -164,7 +164,7 @@ def test_an_indefinite_hessian_is_retried_with_more_damping():
     eigen = torch.ones(n)
     eigen[-1] = -0.05  # 1 % damping leaves it indefinite, 10 % does not
     h = basis @ torch.diag(eigen) @ basis.T
-    result = gptq_quantize(torch.randn(32, n), h, args, GPTQOptions())
+    result = gptq_quantize(torch.randn(32, n), h, args, GPTQ.config())
     assert result.damping == pytest.approx(0.1)
     assert result.notes and "retrying" in result.notes[0]
     assert torch.isfinite(result.weight).all()

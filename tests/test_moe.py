@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import MOE_EXPERTS as EXPERTS
 from conftest import MOE_LAYERS as LAYERS
-from helpers import load_transformers, stored_modules
+from helpers import load_transformers, run_uncompressed, stored_modules
 from safetensors.torch import load_file
 from test_runner import _final_hidden
 from test_smoothing import _layer_calls, _run
@@ -45,8 +45,7 @@ def test_every_expert_projection_is_a_linear_and_runs_as_transformers_runs_it(ti
     samples = [torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(n))
                for n in (17, 17, 40)]  # fmt: skip
     runner = LayerRunner(source)
-    for _ in runner.run(samples):
-        pass
+    run_uncompressed(runner, samples)
     whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.bfloat16).eval()
     assert type(whole.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"  # fused
     for sample, hidden in zip(samples, runner.hidden_states(), strict=True):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import FAMILIES
+from helpers import run_uncompressed
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from llmpress.data import calibration_set
@@ -39,8 +40,7 @@ def _check_equals_whole_model(path, samples):
             assert devices == ({"cpu"} if i == index else {"meta"}), (i, index, devices)
         seen.append(index)
 
-    for _ in runner.run(samples, on_layer):
-        pass
+    run_uncompressed(runner, samples, on_layer)
     assert seen == list(range(len(runner.layers)))
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     for sample, hidden in zip(samples, runner.hidden_states(), strict=True):

@@ -19,7 +19,7 @@ from test_smollm2 import perplexity
 from transformers import AutoTokenizer
 
 from llmpress import compress
-from llmpress.algorithms.gptq import GPTQOptions, gptq_quantize
+from llmpress.algorithms.gptq import GPTQ, gptq_quantize
 from llmpress.algorithms.magnitude import magnitude_mask
 from llmpress.algorithms.sparsegpt import Pruning
 from llmpress.algorithms.wanda import wanda_mask
@@ -103,7 +103,7 @@ def test_sparsegpt_beats_magnitude_on_its_inputs_and_keeps_each_budget(structure
     args = preset_name_to_scheme(scheme, ["Linear"]).weights if scheme else None
     rows = (slice(0, 128), slice(128, 192))
     result = gptq_quantize(
-        weight, hessian, args, GPTQOptions(), prune=Pruning(structure, 0.5, rows)
+        weight, hessian, args, GPTQ.config(), prune=Pruning(structure, 0.5, rows)
     )
     assert result.loss < 0.5 * result.loss_rtn
     for part in rows:
@@ -120,7 +120,7 @@ def test_a_fixed_mask_is_kept_and_its_removals_compensated():
     weight = torch.randn(64, 128)
     mask = magnitude_mask(weight, 0.5, Structure())
     result = gptq_quantize(
-        weight, hessian, None, GPTQOptions(), prune=Pruning(Structure(), 0.5, fixed=mask)
+        weight, hessian, None, GPTQ.config(), prune=Pruning(Structure(), 0.5, fixed=mask)
     )
     assert (result.weight[mask] == 0).all() and zero_fraction(result.weight) == 0.5
     assert result.loss < result.loss_rtn  # the survivors moved to make up for the removals

@@ -27,10 +27,8 @@ from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import Plan, build_plan
 from llmpress.source import ModelSource
 from llmpress.stages import (
-    gptq_options,
     needs_data,
     require_dataset,
-    smoothing_options,
     stages_of,
 )
 from llmpress.writer import RESUME_DIR, CheckpointWriter, partial_dir
@@ -217,17 +215,7 @@ def run(
             else:
                 caches = [ActivationCache.reopen(f, record["generation"], budget) for f in folders]
             calibrated = CalibratedLayers(
-                source,
-                plan,
-                calibration,
-                options.device,
-                caches,
-                resumed=record is not None,
-                compute=options.compute_dtype,
-                gptq=gptq_options(options),
-                offload_hessians=options.offload_hessians,
-                smoothing=smoothing_options(options),
-                stages=stages,
+                source, plan, calibration, options, caches, record is not None, stages
             )
             if record is not None:
                 for section, entries in record.get("report", {}).items():

@@ -391,6 +391,12 @@ class CompressOptions(BaseModel):
         return algorithms_of(([self.prune] if self.prune else []) + list(self.methods))
 
     @property
+    def algorithm_configs(self) -> dict[str, BaseModel]:
+        """The run's settings nested by algorithm: each algorithm of the run and its frozen
+        config (`Algorithm.config`), the view of this table the algorithms read."""
+        return {a.name: a.config(self) for a in self.algorithms}
+
+    @property
     def method_names(self) -> list[str]:
         """The algorithms in the user's words: the pruner, then each distinct group method."""
         return ([self.prune] if self.prune else []) + list(dict.fromkeys(self.methods))

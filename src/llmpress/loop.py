@@ -93,9 +93,7 @@ def write_tensors(
                     check_finite(name, tensor)
                 packed = None
                 if calibrated is not None and layer is not None:  # every layer, in order
-                    packed = calibrated.compress(
-                        layer, to_quantize, tensors, options.observer, options.layout
-                    )
+                    packed = calibrated.compress(layer, to_quantize, tensors, options.layout)
                 elif to_quantize:
                     packed = {}
                     if plan.sparsity is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmpress.algorithms.base import Need
 from llmpress.algorithms.gptq import Hessian
 from llmpress.errors import LlmpressError
 from llmpress.runner import StopLayer
@@ -77,23 +78,25 @@ class InputObserver:
     def __init__(
         self,
         names: list[str],
-        ranges: bool = True,
-        hessians: bool = False,
+        needs: Need = Need.RANGES,
         device: str = "cpu",
         offload: bool = False,
         stop: bool = True,
-        channels: bool = False,
-        squares: bool = False,
     ):
-        """`stop`: cut each batch's forward short once every module has been seen;
-        `channels`: also per-channel statistics of each input (smoothing); `squares`: only
-        their mean squares (Wanda)."""
-        self.squares = squares
-        self.ranges, self.device, self.offload, self.stop = ranges, device, offload, stop
-        self.channels: dict[str, ChannelStats] | None = {} if channels or squares else None
+        """`needs`: what the layer's algorithms (and static scales: RANGES) ask observed of
+        the modules `names`; CHANNELS and INPUT_NORMS are per-channel statistics of each input
+        (smoothing), or only their mean squares (Wanda); `offload`: Hessians kept in host
+        memory; `stop`: cut each batch's forward short once every module has been seen."""
+        self.extremes = bool(needs & Need.CHANNELS)
+        self.squares = bool(needs & Need.INPUT_NORMS)
+        self.ranges = bool(needs & Need.RANGES)
+        self.device, self.offload, self.stop = device, offload, stop
+        self.channels: dict[str, ChannelStats] | None = (
+            {} if self.extremes or self.squares else None
+        )
         self.lo = dict.fromkeys(names, torch.tensor(float("inf")))
         self.hi = dict.fromkeys(names, torch.tensor(float("-inf")))
-        self.hessians: dict[str, Hessian] | None = {} if hessians else None
+        self.hessians: dict[str, Hessian] | None = {} if needs & Need.HESSIAN else None
         self._inputs: dict[int, _Input] = {}  # this batch's inputs, by id
         self._unseen = set(names)
         self._sharing: dict[str, str] = {}  # module: the fused sibling whose input it reads
@@ -153,7 +156,7 @@ class InputObserver:
             stats = fed.get("channels")
             if stats is None:
                 stats = ChannelStats(
-                    x.shape[-1], x.device, extremes=not self.squares, squares=self.squares
+                    x.shape[-1], x.device, extremes=self.extremes, squares=self.squares
                 )
             self.channels[name] = stats
         if ("channels", id(stats)) not in fed:

@@ -58,8 +58,12 @@ class PlannedSparsity:
     modules: dict[str, float]  # module -> the fraction of its weight pruned
 
     @property
+    def pruner(self):  # noqa: ANN201 - llmpress.algorithms.base.Pruner
+        return pruner_named(self.method)
+
+    @property
     def needs_data(self) -> bool:
-        return pruner_named(self.method).needs_data is not None
+        return self.pruner.needs_data is not None
 
 
 @dataclass(frozen=True)

@@ -322,19 +322,3 @@ class LayerRunner:
             states = self.cache.get(i)
             out.update((k, states[j : j + 1]) for j, k in enumerate(batch.samples))
         return [out[k] for k in sorted(out)]
-
-    def run(
-        self,
-        samples: list[torch.Tensor],
-        on_layer: Callable[[int, nn.Module], None] | None = None,
-    ) -> Iterator[tuple[int, nn.Module]]:
-        """Yield each materialized layer after `on_layer` (observe, compress) and before its
-        output becomes the next layer's input."""
-        self.capture(samples)
-        for index in range(len(self.layers)):
-            layer = self.load_layer(index)
-            if on_layer is not None:
-                on_layer(index, layer)
-            yield index, layer
-            self.forward_layer(index)
-            self.unload_layer(index)

@@ -119,30 +119,6 @@ def cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def gptq_options(options: CompressOptions):
-    """GPTQ's settings from the run's options, or None when weights are rounded to nearest."""
-    if options.solver is None and not (options.pruner and options.pruner.solved):
-        return None
-    from llmpress.algorithms.gptq import GPTQOptions
-
-    return GPTQOptions(options.block_size, options.dampening_frac, options.actorder)
-
-
-def smoothing_options(options: CompressOptions):
-    """AWQ's or SmoothQuant's settings, or None when the layers are not smoothed."""
-    if options.smoother is None:
-        return None
-    from llmpress.algorithms.smoothing import SmoothingOptions
-
-    return SmoothingOptions(
-        options.smoother,
-        options.smoothing_strength,
-        duo_scaling=options.duo_scaling,
-        grid=options.awq_grid,
-        clip=options.awq_clip,
-    )
-
-
 def require_dataset(options: CompressOptions) -> None:
     if options.dataset is not None:
         return

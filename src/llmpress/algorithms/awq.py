@@ -35,6 +35,9 @@ from llmpress.algorithms.smoothing import Mapping
 from llmpress.errors import LlmpressError
 from llmpress.observers import global_scale
 
+# Modules the clipping search leaves alone: queries and keys.
+CLIP_SKIPPED = ("q_proj", "k_proj", "qkv_proj")
+
 
 @dataclass
 class SearchResult:
@@ -194,7 +197,7 @@ class _AWQ(Smoother):
             QuantizationStrategy.CHANNEL,
         )
 
-    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, options):  # noqa: ANN001, ANN201
+    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, config):  # noqa: ANN001, ANN201
         result = search_scale(
             mapping,
             balance,
@@ -203,11 +206,37 @@ class _AWQ(Smoother):
             args,
             observer,
             dtype,
-            options.duo_scaling,
-            options.grid,
+            config.duo_scaling,
+            config.awq_grid,
         )
         entry = {"ratio": result.ratio, "loss_rtn": result.loss_rtn, "loss": result.loss}
         return result.scale, entry
+
+    def finish(self, ctx, weights) -> None:  # noqa: ANN001
+        """With --awq-clip: the clipping search on the smoothed weights of the modules this
+        smoother rounds, but for q and k (their error passes through the attention softmax,
+        which the output error does not see)."""
+        if not ctx.config(self).awq_clip:
+            return
+        from llmpress.algorithms import smoother_of  # the registry imports this module
+
+        plan, watch, device = ctx.plan, ctx.watch, ctx.device
+        clipped = ctx.report["smoothing"].setdefault("clip", {})
+        for name, weight in weights.items():
+            skipped = name.rsplit(".", 1)[-1] in CLIP_SKIPPED
+            if skipped or smoother_of(plan.method_of(name)) is not self:
+                continue
+            hessian = watch.hessians[name].mean(device)
+            args = plan.scheme_of(name).weights
+            result = clip_search(
+                weight.to(device, torch.float32), hessian, args, ctx.observer, ctx.checkpoint_dtype
+            )
+            weights[name] = result.weight.to(weight.dtype)
+            clipped[name] = {
+                "mean_shrink": round(result.mean_shrink, 4),
+                "loss_before": result.loss_before,
+                "loss": result.loss,
+            }
 
 
 AWQ = _AWQ(

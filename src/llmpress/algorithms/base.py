@@ -5,21 +5,34 @@ An algorithm has a role, which orders it within a layer (a transform such as smo
 then pruning, then quantization, then the KV cache), the llm-compressor modifier it stands for,
 what it needs observed of each module's inputs while calibration batches flow (the runner
 composes one observation from the needs of a run's algorithms), the options it owns, and a
-`check` that fails before any work with the fix. Its arithmetic lives beside it, in its file:
-`apply`-style methods that the layer loop calls on the resident layer, by role.
+`check` that fails before any work with the fix. Its arithmetic lives beside it, in its file,
+behind the method of its role that the layer loop calls on the resident layer (`LayerContext`):
+a Smoother's `apply`, a Pruner's `masks` and `prune`, a Quantizer's `quantize`.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, create_model
+
+from llmpress.algorithms.layer_smoothing import find_sites, smooth_layer
+from llmpress.quantize import check_finite
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
+
+    from llmpress.observation import InputObserver
+    from llmpress.plan import Plan
+    from llmpress.runner import LayerRunner
+
+# A layer's weights, or their solved states ({"weight", "weight_scale"...}), by module name.
+Weights = dict[str, torch.Tensor]
+States = dict[str, dict[str, torch.Tensor]]
 
 
 class Role(enum.IntEnum):
@@ -76,12 +89,14 @@ class Algorithm:
         serve `scheme` (None: a run that only prunes) with these options; `label`: the
         scheme or group in the user's words, `method`: the method the user gave it."""
 
-    def config(self, options) -> BaseModel:
-        """This algorithm's settings in a run: a frozen model of the options it owns, whose
-        types, defaults and constraints are the one table's (llmpress.config), not copies."""
-        return _config_model(self.name, self.options, type(options))(
-            **{name: getattr(options, name) for name in self.options}
-        )
+    def config(self, options=None, **values) -> BaseModel:
+        """This algorithm's settings in a run (`options`, a CompressOptions; None: the
+        defaults), `values` changed: a frozen model of the options it owns, whose types,
+        defaults and constraints are the one table's (llmpress.config), not copies."""
+        from llmpress.config import CompressOptions  # the table imports the registry
+
+        given = {n: getattr(options, n) for n in self.options} if options is not None else {}
+        return _config_model(self.name, self.options, CompressOptions)(**(given | values))
 
     def recipe_args(self, options, args: dict | None = None) -> dict:
         """Its llm-compressor modifier's arguments for the run's `options` (`args`: those the
@@ -100,6 +115,14 @@ class Quantizer(Algorithm):
     role: Role = Role.QUANTIZE
     solves: bool = False
 
+    def quantize(
+        self, ctx: LayerContext, weights: Weights, scheme: QuantizationScheme, masks: Weights
+    ) -> States:
+        """`weights` (modules of one group of the resident layer) rounded to `scheme`: their
+        states. `masks`: where a pruner fixed them (True: pruned), for a quantizer that
+        `solves` (the others get the weights already pruned, and no masks)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, kw_only=True)
 class Pruner(Algorithm):
@@ -113,6 +136,23 @@ class Pruner(Algorithm):
         """True where `weight` is pruned (`input_norms`: per input channel, where the pruner
         needs them); only for pruners that are not `solved`."""
         raise NotImplementedError(f"{self.name} chooses its mask inside the solve")
+
+    def masks(self, ctx: LayerContext, weights: Weights) -> Weights:
+        """The masks of `weights` (pruned modules of the resident layer), chosen before any
+        rounding; none for a `solved` pruner, which chooses them as the solve goes."""
+        if self.solved:
+            return {}
+        sparsity, watch = ctx.plan.sparsity, ctx.watch
+        found = {}
+        for name, weight in weights.items():
+            check_finite(f"{name}.weight", weight)
+            norms = watch.channels[name].rms() if self.needs & Need.INPUT_NORMS else None
+            found[name] = self.mask(weight, norms, sparsity.modules[name], sparsity.structure)
+        return found
+
+    def prune(self, ctx: LayerContext, weights: Weights, masks: Weights) -> States:
+        """`weights` pruned, before round-to-nearest or stored dense: by their `masks`."""
+        return {n: {"weight": w} for n, w in masked(weights, masks).items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,9 +170,66 @@ class Smoother(Algorithm):
     def wants(self, mapping) -> bool:  # noqa: ANN001
         return self.every_mapping or mapping.norm
 
-    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, options):  # noqa: ANN001, ANN201
-        """The scale of `mapping`'s channels, and what the manifest records of its choice."""
+    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, config):  # noqa: ANN001, ANN201
+        """The scale of `mapping`'s channels, and what the manifest records of its choice
+        (`config`: this smoother's, `self.config(options)`)."""
         raise NotImplementedError
+
+    def prepare(self, ctx: LayerContext, weights: Weights) -> None:
+        """Before the resident layer's first pass: its smoothing sites, found on the first
+        layer by one real forward (the same in every layer)."""
+        find_sites(self, ctx, weights)
+
+    def apply(self, ctx: LayerContext, weights: Weights, others: Weights, groups) -> None:
+        """Smooth the resident layer's sites whose readers are in config `groups`: `weights`
+        (by module) and `others` (its norms..., by tensor name) take the smoothed values, as
+        does the layer, and the statistics observed become those of the smoothed inputs."""
+        smooth_layer(self, ctx, weights, others, groups)
+
+    def finish(self, ctx: LayerContext, weights: Weights) -> None:
+        """After the scales, before rounding: a smoother's own work on the smoothed `weights`
+        (AWQ's clipping search); nothing by default."""
+
+
+@dataclass
+class LayerContext:
+    """A run's calibrated layer as the algorithms see it: the plan and options, the resident
+    layer (`runner`, `index`), what this stage observed of its inputs (`watch`), where the
+    manifest's per-module results go (`report`), and per-run state an algorithm keeps across
+    layers (`state`, by algorithm name: smoothing's sites, found on the first layer)."""
+
+    plan: Plan
+    options: Any  # llmpress.config.CompressOptions: the one table of the run's options
+    runner: LayerRunner
+    device: str
+    checkpoint_dtype: torch.dtype
+    report: dict[str, dict] = field(default_factory=dict)
+    index: int = 0
+    watch: InputObserver | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        """The resident layer's module names start with this."""
+        return f"{self.runner.source.layer_prefix}.{self.index}."
+
+    @property
+    def observer(self) -> str:
+        return self.options.observer
+
+    def config(self, algorithm: Algorithm) -> BaseModel:
+        return algorithm.config(self.options)
+
+    def record(self, section: str, name: str, entry: dict) -> None:
+        """One module's (or site's) results, in the manifest section `section`."""
+        self.report.setdefault(section, {})[name] = entry
+
+
+def masked(weights: Weights, masks: Weights) -> Weights:
+    """`weights` with their masks' weights set to zero (those without a mask as they are)."""
+    return {
+        n: w.masked_fill(masks[n].to(w.device), 0) if n in masks else w for n, w in weights.items()
+    }
 
 
 @functools.cache

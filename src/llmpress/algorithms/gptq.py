@@ -54,17 +54,11 @@ log = logging.getLogger(__name__)
 DAMPING_RETRIES = 4
 
 
-@dataclass
-class GPTQOptions:
-    block_size: int = 128
-    dampening_frac: float = 0.01
-    actorder: str | None = "static"  # "none", "static" (= "weight"), "group" (= "dynamic")
-
-    @property
-    def order(self) -> str | None:
-        """The canonical activation ordering: None, "weight" or "group"."""
-        aliases = {"static": "weight", "dynamic": "group", "none": None}
-        return aliases.get(self.actorder, self.actorder) if self.actorder else None
+def activation_order(actorder: str | None) -> str | None:
+    """The canonical activation ordering of GPTQ's `actorder` option: None, "weight" or
+    "group" ("static" is "weight", "dynamic" is "group")."""
+    aliases = {"static": "weight", "dynamic": "group", "none": None}
+    return aliases.get(actorder, actorder) if actorder else None
 
 
 # Column panels of the Hessian's upper triangle: x xᵀ is symmetric, and computing only the
@@ -181,7 +175,7 @@ def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     args: QuantizationArgs | None,
-    options: GPTQOptions,
+    settings,  # noqa: ANN001 - GPTQ.config(...), or SPARSEGPT.config(...) to prune only
     observer: str = "minmax",
     global_scale: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.bfloat16,
@@ -193,13 +187,14 @@ def gptq_quantize(
     quantized by GPTQ on the same Hessian with its zeros kept: quantization ranges are then
     those of the pruned weight, which the pruning's updates make larger than the original's
     (the SparseGPT paper's joint solve takes them from the original weight). `args` None:
-    pruned only."""
+    pruned only. `settings`: the solve's block size, damping and (quantizing) activation
+    order, as the algorithm's config holds them."""
     if prune is not None and prune.fixed is None and args is not None:
         start = time.perf_counter()
-        pruned = gptq_quantize(weight, hessian, None, options, prune=prune)
+        pruned = gptq_quantize(weight, hessian, None, settings, prune=prune)
         kept = Pruning(prune.structure, prune.sparsity, prune.rows, fixed=pruned.weight == 0)
         result = gptq_quantize(
-            pruned.weight, hessian, args, options, observer, global_scale, scale_dtype, kept
+            pruned.weight, hessian, args, settings, observer, global_scale, scale_dtype, kept
         )
         original = weight.to(torch.float32)
         hessian = hessian.to(original.device, torch.float32)
@@ -219,7 +214,7 @@ def gptq_quantize(
         QuantizationStrategy.GROUP,
         QuantizationStrategy.TENSOR_GROUP,
     )
-    order = options.order if args is not None else None
+    order = activation_order(settings.actorder) if args is not None else None
     if order == "group" and not grouped:
         order = "weight"  # without groups, the orders are the same thing
     if prune is not None and prune.structure.structured:
@@ -240,7 +235,7 @@ def gptq_quantize(
     if order is not None:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    upper, damping, notes = _inverse_cholesky(h, options.dampening_frac)
+    upper, damping, notes = _inverse_cholesky(h, settings.dampening_frac)
 
     g = args.group_size if grouped else None
     if grouped:
@@ -268,7 +263,7 @@ def gptq_quantize(
     # The loop walks columns: it works on the transpose, where each column is contiguous.
     wt = w.t().contiguous()
     quantized = torch.zeros_like(wt)
-    block_size = options.block_size
+    block_size = settings.block_size
     for b0 in range(0, columns, block_size):
         b1 = min(b0 + block_size, columns)
         w1 = wt[b0:b1].clone()
@@ -412,6 +407,13 @@ class _GPTQ(Quantizer):
     ) -> None:
         if scheme is not None:
             _check_actorder(scheme, options.actorder)
+
+    def quantize(self, ctx, weights, scheme, masks):  # noqa: ANN001, ANN201
+        """Solved on the Hessians of the modules' inputs, pruned modules pruned in the same
+        solve (SparseGPT's choice, or the pruner's fixed `masks`)."""
+        from llmpress.algorithms.solve import solve_modules  # it imports this module
+
+        return solve_modules(ctx, weights, scheme, masks, ctx.config(self), self.manifest)
 
 
 GPTQ = _GPTQ(

@@ -6,9 +6,21 @@ for int and fp8 weights).
 
 from __future__ import annotations
 
-from llmpress.algorithms.base import Need, Quantizer
+from dataclasses import dataclass
 
-RTN = Quantizer(
+from llmpress.algorithms.base import Need, Quantizer
+from llmpress.quantize import layer_states
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RoundToNearest(Quantizer):
+    def quantize(self, ctx, weights, scheme, masks):  # noqa: ANN001, ANN201
+        """Each module by the observer; fused siblings (q/k/v, gate/up) share their global
+        scale where the scheme has one."""
+        return layer_states(weights, scheme, ctx.plan.fused, ctx.observer, ctx.device)
+
+
+RTN = _RoundToNearest(
     name="rtn",
     modifier="QuantizationModifier",
     needs=Need.NOTHING,

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmpress.algorithms.base import Smoother
-
 # Linear -> Linear pairs inside one parent: (smooth, balance, which rows of smooth).
 # Rows "all" or, for fused projections, the part that feeds the balance layer.
 _LINEAR_PAIRS = (("v_proj", "o_proj"), ("up_proj", "down_proj"))
@@ -40,24 +38,6 @@ _FUSED_PAIRS = (("qkv_proj", "o_proj", "v"), ("gate_up_proj", "down_proj", "up")
 # mapping is off by ~1e-1 or more.
 _CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
 _CHECK_TOLERANCE_16BIT = 5e-2
-
-
-@dataclass(frozen=True)
-class SmoothingOptions:
-    """`method`: the smoother (llmpress.algorithms: AWQ searches scales against the weights'
-    quantization error on every mapping, SmoothQuant takes them from activation and weight
-    ranges on the norm mappings, as in the paper); `strength`: SmoothQuant's α;
-    `duo_scaling`, `grid`: AWQ's search; `clip`: AWQ's clipping search after the scales
-    (llmpress.algorithms.awq.clip_search)."""
-
-    method: Smoother
-    strength: float = 0.5
-    duo_scaling: bool = True
-    grid: int = 20
-    clip: bool = False  # AWQ: search each group's clipping range too
-
-    def wants(self, mapping: Mapping) -> bool:
-        return self.method.wants(mapping)
 
 
 @dataclass(frozen=True)

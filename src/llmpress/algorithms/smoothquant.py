@@ -57,8 +57,8 @@ class _SmoothQuant(Smoother):
                 "keeps activations unquantized: use --method awq or gptq"
             )
 
-    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, options):  # noqa: ANN001, ANN201
-        return smoothing_scale(mapping, balance, stats.absmax(), options.strength), {}
+    def choose_scale(self, mapping, balance, stats, hessian, args, observer, dtype, config):  # noqa: ANN001, ANN201
+        return smoothing_scale(mapping, balance, stats.absmax(), config.smoothing_strength), {}
 
 
 SMOOTHQUANT = _SmoothQuant(

@@ -52,6 +52,12 @@ class _SparseGPT(Pruner):
             "dampening_frac": options.dampening_frac,
         }
 
+    def prune(self, ctx, weights, masks):  # noqa: ANN001, ANN201
+        """Pruned by the column solve alone (before round-to-nearest, or stored dense)."""
+        from llmpress.algorithms.solve import solve_modules  # it imports this module
+
+        return solve_modules(ctx, weights, None, masks, ctx.config(self), self.manifest)
+
 
 SPARSEGPT = _SparseGPT(
     name="sparsegpt",
@@ -61,6 +67,13 @@ SPARSEGPT = _SparseGPT(
     needs_data="SparseGPT prunes by the Hessians of the layers' inputs",
     propagation="sequential",
     manifest="sparsegpt",
-    options=("sparsity", "mask", "sparsity_targets", "sparsity_ignore", "block_size"),
+    options=(
+        "sparsity",
+        "mask",
+        "sparsity_targets",
+        "sparsity_ignore",
+        "block_size",
+        "dampening_frac",
+    ),
     solved=True,
 )

@@ -21,6 +21,7 @@ LATEST_TESTS=(
   tests/test_kvcache.py
   tests/test_evaluate.py
   tests/test_cli.py
+  tests/test_provenance.py
 )
 versions() {
   "$1/bin/python" -c 'import transformers as t, compressed_tensors as c; print("transformers", t.__version__, "| compressed-tensors", c.__version__)'

@@ -25,6 +25,7 @@ from llmpress.loop import write_tensors
 from llmpress.manifest import build_manifest, run_identity, sparsity_report
 from llmpress.memory import release_large_blocks_to_os
 from llmpress.plan import Plan, build_plan
+from llmpress.provenance.hashes import BackgroundHashes, tree_entries
 from llmpress.source import ModelSource
 from llmpress.stages import (
     needs_data,
@@ -198,6 +199,8 @@ def run(
         list(source.tensor_files),
         resume=record and record["writer"],
     )
+    # The inputs' hashes, for the manifest: computed while the layers are compressed.
+    inputs = BackgroundHashes(source.input_files())
     keep_partial = False
     try:
         calibrated = None
@@ -247,7 +250,8 @@ def run(
         # compressed-tensors config without config groups); the manifest tells the sparsity.
         extra = {"recipe.yaml": recipe_yaml(plan, options)}
         shards = writer.finish(config, source.passthrough_files(), extra)
-        manifest = build_manifest(source, plan, options, shards)
+        outputs = tree_entries(writer.tmp_dir)
+        manifest = build_manifest(source, plan, options, shards, inputs.result(), outputs)
         if calibration is not None:
             manifest["calibration"] = calibration.to_json()
         if calibrated is not None:
@@ -256,6 +260,7 @@ def run(
             manifest["sparsity"] = sparsity
         writer.commit(manifest, force)
     except BaseException:
+        inputs.cancel()
         if not keep_partial:
             writer.abort()
         raise

@@ -199,6 +199,52 @@ def inspect(checkpoint: Path, as_json: bool) -> None:
         _print_sparsity(info["sparsity"])
 
 
+_KEY = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--key", type=_KEY, help="The signer's public key (PEM): check the signature.")
+@click.option("--chain", type=_KEY, multiple=True, help="Certificates to check a signature by.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for CI pipelines).")
+def verify(checkpoint: Path, key: Path | None, chain: tuple[Path, ...], as_json: bool) -> None:
+    """Check every file of CHECKPOINT against the hashes its llmpress.json recorded, and its
+    signature with --key: each changed, missing or extra file is named, exit status 1."""
+    from llmpress.provenance.verify import verify as check
+
+    result = check(checkpoint, key, chain)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        for kind in ("changed", "missing", "extra"):
+            for name in getattr(result, kind):
+                click.echo(f"{kind}: {name}")
+        verdict = "verified" if result.ok else "FAILED"
+        click.echo(f"{verdict}: {result.checked} files match the manifest")
+        hint = " (give --key to check it)" if result.signature == "not checked" else ""
+        click.echo(f"signature: {result.signature}{hint}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", type=_KEY, help="Private key (PEM, elliptic curve) to sign with.")
+@click.option("--certificate", type=_KEY, help="The key's certificate (certificate signing).")
+@click.option("--chain", type=_KEY, multiple=True, help="Certificates from it up to a root.")
+@click.option("--password", default=None, help="The private key's password, if it has one.")
+@click.option("--sigstore", is_flag=True, help="Keyless signing through Sigstore (network).")
+def sign(checkpoint: Path, key, certificate, chain, password, sigstore: bool) -> None:
+    """Sign CHECKPOINT (once its files match its manifest): model.sig beside it, in the
+    OpenSSF model-signing format that `model_signing verify` reads."""
+    from llmpress.provenance.signing import sign as make
+
+    target = make(
+        checkpoint, key, certificate=certificate, chain=chain, password=password, sigstore=sigstore
+    )
+    click.echo(f"signed {checkpoint}: {target.name}")
+
+
 def _print_sparsity(report: dict) -> None:
     """The pruning as stored; exits 1 when an N:M pattern does not hold."""
     click.echo(

@@ -178,6 +178,13 @@ class ModelSource:
         except OSError as exc:
             raise LlmpressError(f"cannot read {name!r} from {file}: {exc}") from exc
 
+    def input_files(self) -> dict[str, Path]:
+        """Every file a run reads, by name relative to the model folder: config, shards and
+        their index, and what is copied through (tokenizer, generation config...)."""
+        files = [self.path / "config.json", *self.tensor_files.values()]
+        files += [*self.path.glob("*.safetensors.index.json"), *self.passthrough_files()]
+        return {p.relative_to(self.path).as_posix(): p for p in files if p.is_file()}
+
     def passthrough_files(self) -> list[Path]:
         return sorted(
             p for p in self.path.iterdir() if p.is_file() and PASSTHROUGH_FILES.match(p.name)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from llmpress.algorithms import pruner_named
+from llmpress.algorithms.base import masked
 from llmpress.config import CompressOptions
 from llmpress.journal import Journal
 from llmpress.plan import Plan
@@ -132,18 +132,14 @@ def _prune_data_free(weights: dict, plan: Plan, pruned: dict[str, float]) -> dic
     tensors of the modules only pruned (dense), and records each one's zeros in `pruned`."""
     from llmpress.sparsity import zero_fraction
 
-    pruner = pruner_named(plan.sparsity.method)  # a data-free one: it needs no inputs
-
+    pruner = plan.sparsity.pruner  # a data-free one: it needs no inputs
+    chosen = {n: w for n, w in weights.items() if plan.pruned(n)}
+    weights.update(masked(chosen, pruner.choose_masks(chosen, plan.sparsity)))
     stored = {}
-    for name, weight in weights.items():
-        if not plan.pruned(name):
-            continue
-        check_finite(f"{name}.weight", weight)
-        mask = pruner.mask(weight, None, plan.sparsity.modules[name], plan.sparsity.structure)
-        weights[name] = weight = weight.masked_fill(mask, 0)
-        pruned[name] = round(zero_fraction(weight), 6)  # `_record_served_zeros` may add some
+    for name in chosen:
+        pruned[name] = round(zero_fraction(weights[name]), 6)  # served zeros may add some
         if not plan.quantized(name):
-            stored[name] = {"weight": weight}
+            stored[name] = {"weight": weights[name]}
     return stored
 
 

@@ -62,7 +62,8 @@ def _git_commit() -> str | None:
     done = subprocess.run(
         ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
     )
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
 
 
 def run_identity(source: ModelSource, options: CompressOptions, calibration) -> dict:

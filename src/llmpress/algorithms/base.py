@@ -142,7 +142,12 @@ class Pruner(Algorithm):
         rounding; none for a `solved` pruner, which chooses them as the solve goes."""
         if self.solved:
             return {}
-        sparsity, watch = ctx.plan.sparsity, ctx.watch
+        return self.choose_masks(weights, ctx.plan.sparsity, ctx.watch)
+
+    def choose_masks(self, weights: Weights, sparsity, watch=None) -> Weights:  # noqa: ANN001
+        """Each module's `mask` at its target of `sparsity` (a PlannedSparsity), with the
+        input norms `watch` observed where this pruner needs them (the data-free loop gives
+        none: its pruners need no inputs)."""
         found = {}
         for name, weight in weights.items():
             check_finite(f"{name}.weight", weight)

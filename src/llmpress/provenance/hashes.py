@@ -43,17 +43,21 @@ def tree_entries(folder: Path, skip: tuple[str, ...] = PROVENANCE_FILES) -> dict
     """Every file under `folder` (by path relative to it, sorted), but `skip`'s names at its
     top level and hidden folders (a partial run's resume state); the files are hashed in
     parallel, one per core (shards of a large checkpoint)."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if not path.is_file() or relative.parts[0].startswith("."):
-            continue
-        if len(relative.parts) == 1 and relative.name in skip:
-            continue
-        files[relative.as_posix()] = path
+    files = {n: folder / n for n in checkpoint_files(folder) if n not in skip}
     workers = max(1, min(len(files), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmpress-hash") as pool:
         return dict(zip(files, pool.map(file_entry, files.values()), strict=True))
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """The files under `folder`, by path relative to it, sorted; hidden folders (a partial
+    run's resume state) left out."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not relative.parts[0].startswith("."):
+            found.append(relative.as_posix())
+    return found
 
 
 class BackgroundHashes:

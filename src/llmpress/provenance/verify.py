@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
-from llmpress.provenance.hashes import PROVENANCE_FILES, SIGNATURE, sha256_file
+from llmpress.provenance.hashes import PROVENANCE_FILES, SIGNATURE, checkpoint_files, sha256_file
 
 # The manifest's layout version; 2 added `inputs` and `outputs` (sha256 and size per file).
 SCHEMA_VERSION = 2
@@ -60,7 +60,7 @@ def verify(
     if not checkpoint.is_dir():
         raise LlmpressError(f"{checkpoint} is not a directory")
     outputs = load_manifest(checkpoint)["outputs"]
-    found = {name for name in _present(checkpoint) if name not in PROVENANCE_FILES}
+    found = {name for name in checkpoint_files(checkpoint) if name not in PROVENANCE_FILES}
     signed = (checkpoint / SIGNATURE).is_file()
     result = Verification(str(checkpoint), signed=signed)
     for name, entry in sorted(outputs.items()):
@@ -82,12 +82,3 @@ def verify(
     elif keyed:
         result.signature = f"no {SIGNATURE} to check against the key given"
     return result
-
-
-def _present(checkpoint: Path) -> list[str]:
-    """The files of the checkpoint folder, hidden folders aside (names only: no hashing)."""
-    return [
-        p.relative_to(checkpoint).as_posix()
-        for p in checkpoint.rglob("*")
-        if p.is_file() and not p.relative_to(checkpoint).parts[0].startswith(".")
-    ]
